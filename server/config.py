@@ -1,0 +1,63 @@
+"""Server settings: command-line flags and ``LORASERVE_*`` environment variables.
+
+Nothing is read at import time: ``Settings()`` reads the environment when it is built (in ``cli.main``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Field descriptions become the ``--help`` text and the README table."""
+
+    model_config = SettingsConfigDict(env_prefix="LORASERVE_", extra="forbid", protected_namespaces=())
+
+    # ---- model
+    model: str | None = Field(
+        None, description="base model: a local folder or a hub id; unset serves the embedded demo bundle"
+    )
+    served_model_name: str | None = Field(None, description="id of the base in the API (default: model name)")
+    demo_dir: Path | None = Field(None, description="where the demo bundle is built and cached")
+    quantization: Literal["nf4", "int8", "none"] = Field("nf4", description="weights of the base model")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="compute dtype (auto: bfloat16 on CUDA, float32 on CPU)"
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="where the model runs")
+    trust_remote_code: bool = Field(False, description="never needed for Llama-family models; off")
+    allow_hub: bool = Field(False, description="allow hub ids for the base model and adapters")
+
+    # ---- engine
+    max_num_seqs: int = Field(32, ge=1, le=1024, description="sequences decoded together (KV slots)")
+    max_model_len: int = Field(2048, ge=16, description="context length: prompt plus output tokens")
+    max_num_batched_tokens: int = Field(4096, ge=16, description="prompt tokens per prefill step")
+    max_loras_per_batch: int = Field(8, ge=1, description="distinct adapters in one step")
+    max_queue: int = Field(256, ge=1, description="waiting requests before 429")
+    cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs (CUDA only)")
+
+    # ---- adapters
+    adapter_dir: Path | None = Field(None, description="folder of adapter folders (name = folder name)")
+    max_gpu_adapters: int = Field(8, ge=1, description="adapters resident in the model")
+    max_cpu_adapters: int = Field(32, ge=0, description="adapters kept as host state dicts")
+    max_lora_rank: int = Field(64, ge=1, description="refuse adapters of a higher rank")
+    strict_base: bool = Field(False, description="refuse adapters trained on another base (else warn)")
+    snapshot_policy: Literal["off", "manual", "auto"] = Field(
+        "manual", description="merged snapshots: none, admin-triggered, or auto for hot adapters"
+    )
+    max_snapshots: int = Field(1, ge=0, description="merged snapshots resident at once")
+    snapshot_share: float = Field(
+        0.5, gt=0.0, le=1.0, description="auto policy: share of recent traffic that makes an adapter hot"
+    )
+
+    # ---- HTTP
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="bind port (0: any free port)")
+    api_keys: Path | None = Field(None, description="JSON keys file; unset = open access (loopback admin)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body")
+    shutdown_timeout: float = Field(30.0, ge=0.0, description="seconds to let requests finish on SIGTERM")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_json: bool = Field(False, description="one JSON object per log line")

@@ -1,0 +1,363 @@
+"""Named types that cross the engine's boundaries. Nothing here imports torch.
+
+One request flows one way, one type per hop:
+``GenerationRequest`` -> ``Sequence`` (engine state) -> ``Batch`` -> runner -> ``StepOutput`` -> ``TokenEvent``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose. ``status`` is the HTTP status the API maps it to."""
+
+    status: int = 500
+    code: str = "internal_error"
+    error_type: str = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(EngineError):
+    """Bad input: a value out of range, NaN, a prompt too long. Never reaches torch."""
+
+    status = 400
+    code = "invalid_request"
+    error_type = "invalid_request_error"
+
+
+class InvalidSamplingParamsError(InvalidRequestError):
+    code = "invalid_sampling_params"
+
+
+class PromptTooLongError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class UnknownModelError(EngineError):
+    """The named model is neither the base nor an adapter the caller may use."""
+
+    status = 404
+    code = "model_not_found"
+    error_type = "invalid_request_error"
+
+
+class AdapterUnavailableError(EngineError):
+    """The adapter exists but could not be loaded (bad files, rank too high, ...)."""
+
+    status = 422
+    code = "adapter_unavailable"
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = "model", status: int | None = None) -> None:
+        super().__init__(message, param=param)
+        if status is not None:
+            self.status = status
+
+
+class QueueFullError(EngineError):
+    status = 429
+    code = "queue_full"
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineNotReadyError(EngineError):
+    """The engine is starting, draining or stopped."""
+
+    status = 503
+    code = "not_ready"
+    error_type = "server_error"
+
+
+class StepFailedError(EngineError):
+    """A model step raised; the requests of that step fail, the engine goes on."""
+
+    status = 500
+    code = "step_failed"
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_SEED = 2**63 - 1
+
+
+def _check_float(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidSamplingParamsError(f"{name} must be a number, got {type(value).__name__}", param=name)
+    if not math.isfinite(value):
+        raise InvalidSamplingParamsError(f"{name} must be a finite number, got {value}", param=name)
+    too_low = value <= lo if lo_open else value < lo
+    if too_low or value > hi:
+        left = "(" if lo_open else "["
+        raise InvalidSamplingParamsError(f"{name} must be in {left}{lo}, {hi}], got {value}", param=name)
+
+
+def _check_int(name: str, value: int, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidSamplingParamsError(f"{name} must be an integer, got {type(value).__name__}", param=name)
+    if not lo <= value <= hi:
+        raise InvalidSamplingParamsError(f"{name} must be in [{lo}, {hi}], got {value}", param=name)
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingParams:
+    """Per-request sampling. Validated on construction: a bad value raises
+    ``InvalidSamplingParamsError`` naming the field, before anything reaches torch.
+
+    ``temperature == 0`` is greedy. ``top_k <= 0`` and ``top_p == 1`` and ``min_p == 0`` disable
+    those filters. ``repetition_penalty`` follows the CTRL/HF rule over prompt and output tokens;
+    presence and frequency penalties follow OpenAI over output tokens only.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, 1, 1 << 30)
+        _check_float("temperature", self.temperature, 0.0, 2.0)
+        _check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _check_int("top_k", self.top_k, -1, 1 << 30)
+        _check_float("min_p", self.min_p, 0.0, 1.0)
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, 10.0, lo_open=True)
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, -MAX_SEED - 1, MAX_SEED)
+        if not isinstance(self.stop, tuple):
+            raise InvalidSamplingParamsError("stop must be a tuple of strings", param="stop")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidSamplingParamsError(
+                f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}", param="stop"
+            )
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise InvalidSamplingParamsError("each stop string must be a non-empty string", param="stop")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise InvalidSamplingParamsError(
+                    f"a stop string may have at most {MAX_STOP_STRING_CHARS} characters", param="stop"
+                )
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidSamplingParamsError("ignore_eos must be a boolean", param="ignore_eos")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# --------------------------------------------------------------------------------------------- requests
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+@dataclass(slots=True, frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """What the API hands the engine. Exactly one of ``prompt`` (text or token ids) or ``messages``
+    (rendered with the tokenizer's chat template) is set. ``adapter`` None means the base model."""
+
+    request_id: str
+    sampling: SamplingParams
+    prompt: str | list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    adapter: str | None = None
+    tenant: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequestError("exactly one of prompt or messages must be given", param="prompt")
+
+
+@dataclass(slots=True, frozen=True)
+class TokenEvent:
+    """One increment of a request's output, in order. The last event of a request has ``finish_reason``
+    set; ``error`` is set only with ``FinishReason.ERROR``."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+    error: EngineError | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+class Tokenizer(Protocol):
+    """The slice of a Hugging Face tokenizer the engine uses (no torch)."""
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_chat(self, messages: SequenceABC[ChatMessage]) -> list[int]: ...
+
+    def decode(self, token_ids: SequenceABC[int]) -> str: ...
+
+
+# ------------------------------------------------------------------------------------ runner boundary
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class Sequence:
+    """The one state object that travels between scheduler, engine and runner.
+
+    ``token_ids`` holds prompt then output. ``num_cached`` counts tokens whose KV sits in ``slot``;
+    a prefill step computes ``token_ids[num_cached:]``, a decode step the last token.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    sampling: SamplingParams
+    adapter: str | None
+    seed: int
+    tenant: str | None = None
+    arrival_time: float = 0.0
+    status: SequenceStatus = SequenceStatus.WAITING
+    slot: int = -1
+    num_cached: int = 0
+    lease: Any = None  # the runner's adapter lease (pins the adapter while the sequence lives)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finish_reason: FinishReason | None = None
+    aborted: bool = False
+    abort_reason: str = "client"
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def max_total_tokens(self) -> int:
+        return self.num_prompt_tokens + self.sampling.max_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+
+@dataclass(slots=True)
+class Batch:
+    """What the scheduler hands the runner for one step. A prefill batch computes each sequence's
+    uncached prompt tokens; a decode batch one token per sequence. Every sequence holds a slot."""
+
+    kind: Literal["prefill", "decode"]
+    seqs: list[Sequence]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """One sampled token per sequence of the batch, in batch order."""
+
+    token_ids: list[int]
+
+
+class AdapterLease(Protocol):
+    """Pins one adapter version while a sequence uses it."""
+
+    @property
+    def adapter(self) -> str: ...
+
+
+class ModelRunner(Protocol):
+    """Everything the engine needs from the runtime. All methods but the properties are called on the
+    engine thread only."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def num_slots(self) -> int: ...
+
+    def adapter_names(self) -> list[str]:
+        """Adapters that requests may name (registered, in any tier). Safe from any thread."""
+        ...
+
+    def has_adapter(self, name: str) -> bool:
+        """True when ``name`` is a registered adapter. Safe from any thread."""
+        ...
+
+    def acquire_adapter(self, name: str) -> AdapterLease | None:
+        """Pin ``name`` if it is ready to run now; None if it is still loading (a background load is
+        started). Raises ``AdapterUnavailableError`` if it cannot be served."""
+        ...
+
+    def release_adapter(self, lease: AdapterLease) -> None: ...
+
+    def housekeeping(self) -> None:
+        """Between steps: move finished background loads into the model, apply version swaps."""
+        ...
+
+    def step(self, batch: Batch) -> StepOutput: ...
+
+    def free_slot(self, slot: int) -> None:
+        """The sequence in ``slot`` left; its KV and penalty state may be overwritten."""
+        ...
