@@ -1,0 +1,267 @@
+"""Batched sampling on the model's device, one call per step, with no host synchronization.
+
+Per-sequence sampling state lives in fixed slots (the runner's KV slots), in device tensors indexed by slot,
+so one step gathers every row's parameters with ``tensor[slots]`` and the whole call is pure tensor ops of
+fixed shapes: it can be captured in a CUDA graph together with the decode step.
+
+Order (vLLM's): repetition penalty -> frequency/presence penalties -> greedy argmax or temperature ->
+top-k -> top-p -> min-p -> sample.
+
+Randomness: Gumbel-max (equivalently the exponential race). Row ``b`` samples
+``argmax_i(logits[b, i] / T + g(seed, step, i))`` where ``g`` is Gumbel noise from a counter-based hash of
+(the request's seed, the slot's step counter, the token id). The noise of a row therefore depends on nothing
+but its own request: not on the slot number, the batch size, or its neighbours in the batch.
+
+Memory: per slot one int32 output-count row and one bool prompt-mask row of ``vocab_size`` entries, e.g.
+65 slots x 128k vocab x (4 + 1) B = 42 MB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.types import SamplingParams
+
+# splitmix64 constants as signed int64 (torch has no uint64 arithmetic); products wrap modulo 2**64.
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+# Odd multiplier that spreads the step counter before mixing; any odd 64-bit constant works.
+_STEP_MUL = 0xD6E8FEB86659FD93 - (1 << 64)
+
+# Columns of the per-slot float parameter table.
+_TEMPERATURE, _TOP_P, _MIN_P, _REPETITION, _PRESENCE, _FREQUENCY = range(6)
+_DEFAULT_FLOAT_PARAMS = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0)
+# Columns of the per-slot int64 table.
+_TOP_K, _SEED, _STEP = range(3)
+
+
+def _shift_right_logical(x: torch.Tensor, bits: int) -> torch.Tensor:
+    # >> on int64 is arithmetic (sign-extending); masking off the top `bits` bits makes it logical.
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finalizer on int64 tensors (bit patterns as uint64, wrapping arithmetic)."""
+    x = (x ^ _shift_right_logical(x, 30)) * _MIX1
+    x = (x ^ _shift_right_logical(x, 27)) * _MIX2
+    return x ^ _shift_right_logical(x, 31)
+
+
+def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise ``[B, V]`` float32, a pure function of (seed, step, token id) per entry.
+
+    ``seeds``, ``steps``: ``[B]`` int64. Two hash rounds: one per row (seed, step), one per token id.
+    The top 24 bits of the hash give a uniform ``u`` in (0, 1) (exactly representable in float32, never 0
+    or 1), and ``-log(-log(u))`` is Gumbel. 24 bits cap the noise at about 17.3: a token whose probability
+    is below about 1e-8 relative to the best is never drawn, far below any sampling that matters.
+    """
+    row_key = splitmix64(splitmix64(seeds) + (steps + 1) * _STEP_MUL)  # [B]
+    token_ids = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)  # [V]
+    bits = splitmix64(row_key[:, None] + token_ids[None, :] * _GOLDEN)  # [B, V]
+    uniform = (_shift_right_logical(bits, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # [B, V]
+    return -torch.log(-torch.log(uniform))
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    output_counts: torch.Tensor,
+    repetition_penalty: torch.Tensor,
+    frequency_penalty: torch.Tensor,
+    presence_penalty: torch.Tensor,
+) -> torch.Tensor:
+    """Repetition penalty (CTRL/HF, over prompt and output tokens), then frequency and presence
+    penalties (OpenAI, over output tokens only). Returns new float32 logits.
+
+    logits ``[B, V]`` float32; prompt_mask ``[B, V]`` bool; output_counts ``[B, V]`` int; the penalties ``[B]``.
+    """
+    counts = output_counts.to(torch.float32)  # [B, V]
+    generated = output_counts > 0  # [B, V]
+    rep = repetition_penalty[:, None]  # [B, 1]
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(prompt_mask | generated, penalized, logits)
+    return (
+        logits - frequency_penalty[:, None] * counts - presence_penalty[:, None] * generated.to(torch.float32)
+    )
+
+
+def apply_filters(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """Top-k, then top-p on the top-k-renormalized distribution, then min-p. Dropped tokens get -inf;
+    the most likely token is always kept. Returns new logits.
+
+    logits ``[B, V]`` float32 (already divided by temperature); top_k ``[B]`` int64 (``<= 0`` or ``>= V``:
+    off); top_p ``[B]`` float32 in (0, 1] (1: off); min_p ``[B]`` float32 in [0, 1] (0: off).
+    Top-k keeps every token tied with the k-th largest logit (as HF does). Top-p keeps the smallest prefix of
+    the descending order whose probability mass reaches ``top_p``. Min-p drops tokens whose probability is
+    below ``min_p`` times the largest; that ratio is ``exp(logit - max_logit)`` whatever the normalization,
+    so it compares logits and does not depend on the filters before it.
+    """
+    vocab_size = logits.shape[-1]
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # [B, V]
+    k = torch.where((top_k <= 0) | (top_k > vocab_size), vocab_size, top_k)  # [B]
+    kth_logit = sorted_logits.gather(1, (k - 1)[:, None])  # [B, 1]
+    keep = sorted_logits >= kth_logit  # [B, V], a prefix of the sorted order
+
+    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)  # [B, V]
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    # top_p == 1 must keep everything even where float rounding pushes the cumulative mass past 1.
+    keep &= (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+
+    keep &= sorted_logits >= sorted_logits[:, :1] + torch.log(min_p)[:, None]  # log(0) = -inf keeps all
+    keep[:, 0] = True
+    keep_by_token = torch.empty_like(keep).scatter_(1, order, keep)  # [B, V] back to token order
+    return logits.masked_fill(~keep_by_token, float("-inf"))
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingFeatures:
+    """Which stages a step must run; host-known, so skipping a stage never reads a device tensor.
+
+    A runner capturing CUDA graphs can capture one graph per feature set (or just ``ALL``).
+    """
+
+    penalties: bool = True
+    filters: bool = True
+    random: bool = True
+
+
+ALL_FEATURES = SamplingFeatures()
+
+
+class Sampler:
+    """Per-slot sampling state on ``device``, and one batched sampling call per step.
+
+    Slots ``0 .. num_slots - 1`` hold sequences; slot ``num_slots`` is scratch for the padding rows of a
+    bucketed batch: whatever those rows sample is recorded there and never read by a real slot.
+    """
+
+    def __init__(self, vocab_size: int, num_slots: int, device: torch.device) -> None:
+        if vocab_size < 1 or num_slots < 1:
+            raise ValueError(f"vocab_size and num_slots must be positive, got {vocab_size}, {num_slots}")
+        self.vocab_size = vocab_size
+        self.num_slots = num_slots
+        self.device = torch.device(device)
+        rows = num_slots + 1  # + the scratch slot for padding rows
+        self._float_params = torch.tensor([_DEFAULT_FLOAT_PARAMS] * rows, dtype=torch.float32, device=device)
+        self._int_params = torch.zeros(rows, 3, dtype=torch.int64, device=device)  # top_k, seed, step
+        self._prompt_mask = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)  # [S+1, V]
+        self._output_counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=device)  # [S+1, V]
+        # Host-side view of which started slots need which stage, so `features()` costs no device read.
+        self._active: dict[int, SamplingFeatures] = {}
+
+    def start(self, slot: int, prompt_token_ids: Sequence[int], params: SamplingParams, seed: int) -> None:
+        """A sequence enters ``slot``: its params go to the slot's device rows, its prompt tokens are marked
+        for the repetition penalty, and its output counts and step counter restart at zero."""
+        self._check_slot(slot)
+        if prompt_token_ids and not 0 <= min(prompt_token_ids) <= max(prompt_token_ids) < self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        # Assignment from a host tensor is one small host-to-device copy per table.
+        self._float_params[slot] = torch.tensor(
+            [
+                params.temperature,
+                params.top_p,
+                params.min_p,
+                params.repetition_penalty,
+                params.presence_penalty,
+                params.frequency_penalty,
+            ],
+            dtype=torch.float32,
+        )
+        self._int_params[slot] = torch.tensor([params.top_k, seed, 0], dtype=torch.int64)
+        self._output_counts[slot].zero_()
+        self._prompt_mask[slot].zero_()
+        if prompt_token_ids:
+            ids = torch.tensor(list(prompt_token_ids), dtype=torch.int64, device=self.device)
+            self._prompt_mask[slot, ids] = True
+        penalized = (
+            params.repetition_penalty != 1.0
+            or params.frequency_penalty != 0.0
+            or params.presence_penalty != 0.0
+        )
+        filtered = 0 < params.top_k < self.vocab_size or params.top_p < 1.0 or params.min_p > 0.0
+        self._active[slot] = SamplingFeatures(
+            penalties=penalized, filters=filtered and not params.greedy, random=not params.greedy
+        )
+
+    def free(self, slot: int) -> None:
+        """The sequence in ``slot`` left: the slot goes back to defaults (greedy, no penalties)."""
+        self._check_slot(slot)
+        self._float_params[slot] = torch.tensor(_DEFAULT_FLOAT_PARAMS, dtype=torch.float32)
+        self._int_params[slot].zero_()
+        self._output_counts[slot].zero_()
+        self._prompt_mask[slot].zero_()
+        self._active.pop(slot, None)
+
+    def features(self) -> SamplingFeatures:
+        """The stages some started slot needs (a safe superset for any batch of started slots)."""
+        return SamplingFeatures(
+            penalties=any(f.penalties for f in self._active.values()),
+            filters=any(f.filters for f in self._active.values()),
+            random=any(f.random for f in self._active.values()),
+        )
+
+    def __call__(
+        self, logits: torch.Tensor, slots: torch.Tensor, features: SamplingFeatures | None = None
+    ) -> torch.Tensor:
+        """Sample one token per row. logits ``[B, V]`` (any float dtype), slots ``[B]`` int64 -> ``[B]`` int64.
+
+        Records each sampled token in its slot's output counts and advances the slot's step counter.
+        ``features`` skips stages no row needs; None derives them from the started slots. Passing a feature
+        set that lacks a stage some row needs silently skips that stage for the row.
+        """
+        if features is None:
+            features = self.features()
+        logits = logits.to(torch.float32)  # [B, V]
+        fparams = self._float_params[slots]  # [B, 6]
+        iparams = self._int_params[slots]  # [B, 3]
+
+        if features.penalties:
+            logits = apply_penalties(
+                logits,
+                self._prompt_mask[slots],
+                self._output_counts[slots],
+                fparams[:, _REPETITION],
+                fparams[:, _FREQUENCY],
+                fparams[:, _PRESENCE],
+            )
+        next_ids = torch.argmax(logits, dim=-1)  # [B], first maximal index, as HF generate
+
+        if features.random:
+            temperature = fparams[:, _TEMPERATURE]  # [B]
+            greedy = temperature == 0.0
+            scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]  # [B, V]
+            if features.filters:
+                scaled = apply_filters(scaled, iparams[:, _TOP_K], fparams[:, _TOP_P], fparams[:, _MIN_P])
+            noise = gumbel_noise(iparams[:, _SEED], iparams[:, _STEP], self.vocab_size)  # [B, V]
+            sampled = torch.argmax(scaled + noise, dim=-1)  # [B]
+            next_ids = torch.where(greedy, next_ids, sampled)
+
+        self._record(slots, next_ids)
+        return next_ids
+
+    def _record(self, slots: torch.Tensor, token_ids: torch.Tensor) -> None:
+        # Accumulating scatters (atomic adds, graph-safe, no host sync): padding rows all point at the scratch
+        # slot, so several rows may add to the same entry, and only the scratch slot absorbs them. Its counts
+        # may wrap after ~2**31 padding rows; harmless, since its penalties are the identity.
+        flat_index = slots * self.vocab_size + token_ids  # [B] into the flattened [S+1, V] counts
+        self._output_counts.view(-1).scatter_add_(0, flat_index, torch.ones_like(slots, dtype=torch.int32))
+        self._int_params[:, _STEP].index_add_(0, slots, torch.ones_like(slots))
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} is outside [0, {self.num_slots})")
+
+    # Read-only views for tests and debugging (they copy to the host: never call them inside a step).
+    def output_counts(self, slot: int) -> torch.Tensor:
+        """Counts ``[V]`` of the tokens sampled in ``slot`` since it started."""
+        return self._output_counts[slot].cpu()
+
+    def step_count(self, slot: int) -> int:
+        """Tokens sampled in ``slot`` since it started."""
+        return int(self._int_params[slot, _STEP])
