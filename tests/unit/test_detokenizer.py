@@ -1,0 +1,206 @@
+"""IncrementalDetokenizer against a real byte-level BPE tokenizer trained here, and a SentencePiece-like toy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.types import ChatMessage
+
+TRAINING_TEXT = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "Café crème brûlée, naïve résumé, Ångström, façade, jalapeño.",
+    "日本語のテキストです。中文文本。한국어 텍스트.",
+    "Emoji: 😀 🎉 👍🏽 ❤️ and more emoji 😀😀.",
+    "STOP here. The end. ### Answer: 42",
+]
+
+TEXTS = [
+    "Hello world!",
+    "Hello world! The quick brown fox.",
+    "Café crème brûlée",
+    "naïve résumé façade",
+    "日本語のテキスト",
+    "中文文本和日本語",
+    "😀 🎉 👍🏽",
+    "rare glyphs: 🚀✨🦀 ẞ ǅ \U0001d518\U0001d52b\U0001d526",  # not in training: split into single-byte tokens
+    "mixed: Ångström 42 😀 日本 ok",
+    "  leading and trailing spaces  ",
+    "a",
+    "",
+]
+
+
+class ByteLevelTokenizer:
+    """The engine's ``Tokenizer`` protocol over a ``tokenizers`` byte-level BPE."""
+
+    def __init__(self, tokenizer: HFTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.decoded_lengths: list[int] = []
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text).ids)
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        return self.encode("\n".join(f"{m.role}: {m.content}" for m in messages))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        self.decoded_lengths.append(len(token_ids))
+        return self._tokenizer.decode(list(token_ids))
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> ByteLevelTokenizer:
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(TRAINING_TEXT * 4, trainer)
+    return ByteLevelTokenizer(bpe)
+
+
+def _stream(detok: IncrementalDetokenizer, ids: Sequence[int]) -> list[str]:
+    pieces = [detok.add(i) for i in ids]
+    return [*pieces, detok.flush()]
+
+
+def test_the_tokenizer_really_splits_characters(tokenizer: ByteLevelTokenizer) -> None:
+    ids = tokenizer.encode("rare glyphs: 🚀✨🦀")
+    assert any(tokenizer.decode(ids[:n]).endswith("\ufffd") for n in range(len(ids)))
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_released_text_equals_full_decode_at_every_prompt_split(
+    tokenizer: ByteLevelTokenizer, text: str
+) -> None:
+    ids = tokenizer.encode("Prompt: " + text)
+    for split in range(len(ids) + 1):
+        prompt, output = ids[:split], ids[split:]
+        detok = IncrementalDetokenizer(tokenizer, prompt)
+        pieces = _stream(detok, output)
+        if not tokenizer.decode(prompt).endswith("\ufffd"):
+            assert all("\ufffd" not in p for p in pieces), (split, pieces)
+        assert "".join(pieces) == detok.text == tokenizer.decode(output)
+        assert not detok.stopped
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_releases_each_character_as_soon_as_it_is_complete(tokenizer: ByteLevelTokenizer, text: str) -> None:
+    ids = tokenizer.encode(text)
+    detok = IncrementalDetokenizer(tokenizer, [])
+    for n, token_id in enumerate(ids, start=1):
+        detok.add(token_id)
+        prefix = tokenizer.decode(ids[:n])
+        if not prefix.endswith("\ufffd"):
+            assert detok.text == prefix
+    assert detok.flush() == ""
+
+
+def test_decodes_a_small_window_not_the_whole_output(tokenizer: ByteLevelTokenizer) -> None:
+    ids = tokenizer.encode(" ".join(TRAINING_TEXT) * 3)
+    assert len(ids) > 300
+    tokenizer.decoded_lengths.clear()
+    detok = IncrementalDetokenizer(tokenizer, ids[:50])
+    _stream(detok, ids[50:])
+    assert max(tokenizer.decoded_lengths) <= 8
+    assert detok.text == tokenizer.decode(ids[50:])
+
+
+# (text, stop strings, released text, stopped)
+STOP_CASES = [
+    pytest.param("Hello world!", ["world"], "Hello ", True, id="middle"),
+    pytest.param("Hello world!", ["Hello"], "", True, id="at-start"),
+    pytest.param("Hello world!", ["!"], "Hello world", True, id="at-end"),
+    pytest.param("Hello world!", ["xyz"], "Hello world!", False, id="absent"),
+    pytest.param("Hello world!", ["lo wo"], "Hel", True, id="spans-tokens"),
+    pytest.param("Hello world!", ["world", "o w", "!"], "Hell", True, id="earliest-wins"),
+    pytest.param("Hello world!", ["ld!", "world"], "Hello ", True, id="earliest-wins-listed-later"),
+    pytest.param("Hello world!", ["wor", "world"], "Hello ", True, id="same-start"),
+    pytest.param("aaab", ["aab"], "a", True, id="overlapping-prefix"),
+    pytest.param("Hello wor", ["world"], "Hello wor", False, id="prefix-at-end-flushed"),
+    pytest.param("Emoji: 😀 🎉", ["🎉"], "Emoji: 😀 ", True, id="emoji-stop"),
+    pytest.param("rare glyphs: 🚀✨🦀", ["✨"], "rare glyphs: 🚀", True, id="stop-in-split-chars"),
+    pytest.param("日本語のテキスト", ["のテ"], "日本語", True, id="cjk"),
+    pytest.param("### Answer: 42", ["\n", "Answer"], "### ", True, id="answer"),
+    pytest.param("", ["x"], "", False, id="empty-output"),
+    pytest.param("a", ["a"], "", True, id="single-token-stop"),
+    pytest.param("a", ["b"], "a", False, id="single-token-no-stop"),
+]
+
+
+@pytest.mark.parametrize(("text", "stop", "released", "stopped"), STOP_CASES)
+def test_stop_strings(
+    tokenizer: ByteLevelTokenizer, text: str, stop: list[str], released: str, stopped: bool
+) -> None:
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Q: "), stop)
+    pieces = _stream(detok, tokenizer.encode(text))
+    assert "".join(pieces) == detok.text == released
+    assert detok.stopped is stopped
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_holds_back_a_possible_stop_until_flush(tokenizer: ByteLevelTokenizer) -> None:
+    detok = IncrementalDetokenizer(tokenizer, [], stop=["world peace"])
+    for token_id in tokenizer.encode("Hello world"):
+        detok.add(token_id)
+    assert detok.text == "Hello "
+    assert detok.flush() == "world"
+    assert detok.text == "Hello world"
+
+
+def test_after_a_stop_nothing_more_is_released(tokenizer: ByteLevelTokenizer) -> None:
+    detok = IncrementalDetokenizer(tokenizer, [], stop=["fox"])
+    ids = tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    pieces = [detok.add(i) for i in ids]
+    assert detok.stopped and detok.text == "The quick brown "
+    assert "".join(pieces) == "The quick brown "
+    assert detok.add(ids[0]) == "" and detok.flush() == ""
+
+
+def test_flush_releases_an_incomplete_character(tokenizer: ByteLevelTokenizer) -> None:
+    ids = tokenizer.encode("go 🚀")
+    cut = next(n for n in range(len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
+    detok = IncrementalDetokenizer(tokenizer, [])
+    for token_id in ids[:cut]:
+        detok.add(token_id)
+    held_back = detok.flush()
+    assert held_back.endswith("\ufffd")
+    assert detok.text == tokenizer.decode(ids[:cut])
+
+
+class SentencePieceLikeTokenizer:
+    """Word pieces with '▁' for a space; decoding drops the leading space, as SentencePiece does."""
+
+    PIECES = ("Hello", "▁world", "▁again", "!")
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset()
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return "".join(self.PIECES[i] for i in token_ids).replace("▁", " ").removeprefix(" ")
+
+
+def test_keeps_the_space_at_the_prompt_boundary() -> None:
+    tokenizer = SentencePieceLikeTokenizer()
+    detok = IncrementalDetokenizer(tokenizer, [0], stop=["again!"])
+    assert [detok.add(i) for i in (1, 2, 3)] == [" world", " ", ""]
+    assert detok.stopped and detok.text == " world "
+    no_prompt = IncrementalDetokenizer(tokenizer, [])
+    assert _stream(no_prompt, [1, 2, 3]) == ["world", " again", "!", ""]
