@@ -74,10 +74,10 @@ def _check_tree(root: Any) -> None:
             )
 
 
-RequestT = TypeVar("RequestT", bound=BaseModel)
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-def parse_request(raw: bytes, model: type[RequestT]) -> RequestT:
+def parse_request(raw: bytes, model: type[ModelT]) -> ModelT:
     """Body bytes -> a validated request model, or ``InvalidRequestError`` naming the field."""
     value = parse_json(raw)
     if not isinstance(value, dict):
@@ -121,7 +121,7 @@ def _is_default(value: Any, defaults: tuple[Any, ...]) -> bool:
     return any(value is d or (type(value) is type(d) and value == d) for d in defaults)
 
 
-class _GenerationFields(BaseModel):
+class GenerationFields(BaseModel):
     """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI-compatible servers do;
     known OpenAI features that this server lacks are refused unless they carry their default."""
 
@@ -214,7 +214,7 @@ class _GenerationFields(BaseModel):
         )
 
 
-class CompletionRequest(_GenerationFields):
+class CompletionRequest(GenerationFields):
     """``POST /v1/completions``. One prompt: a string or a list of token ids (a one-element batch of
     either is accepted too)."""
 
@@ -225,7 +225,7 @@ class CompletionRequest(_GenerationFields):
     suffix: Any = None
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **_GenerationFields.UNSUPPORTED,
+        **GenerationFields.UNSUPPORTED,
         "echo": (None, False),
         "best_of": (None, 1),
         "logprobs": (None,),
@@ -295,7 +295,7 @@ class ChatMessageIn(BaseModel):
         return ChatMessage(role="system" if self.role == "developer" else self.role, content=self.content)
 
 
-class ChatCompletionRequest(_GenerationFields):
+class ChatCompletionRequest(GenerationFields):
     """``POST /v1/chat/completions``; the engine renders ``messages`` with the tokenizer's chat template."""
 
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=4096)
@@ -313,7 +313,7 @@ class ChatCompletionRequest(_GenerationFields):
     web_search_options: Any = None
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **_GenerationFields.UNSUPPORTED,
+        **GenerationFields.UNSUPPORTED,
         "logprobs": (None, False),
         "top_logprobs": (None, 0),
         "tools": (None, []),
@@ -389,7 +389,7 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = Field(None, exclude_if=lambda v: v is None)
+    usage: Usage | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ChatMessageOut(BaseModel):
@@ -415,8 +415,8 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)
-    content: str | None = Field(None, exclude_if=lambda v: v is None)
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=lambda v: v is None)
+    content: str | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(BaseModel):
@@ -432,7 +432,7 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = Field(None, exclude_if=lambda v: v is None)
+    usage: Usage | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ModelCard(BaseModel):
