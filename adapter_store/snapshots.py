@@ -1,0 +1,257 @@
+"""Merged snapshots: a second resident copy of the base with one adapter merged in, for a hot tenant.
+
+A snapshot runs its adapter's rows without the per-layer LoRA detour (and without PEFT's host-side
+``adapter_names`` bookkeeping), at the cost of one more copy of the base in memory. It is built on a
+background thread from ``base_loader()`` (never on the serving path: merging an 8B NF4 base takes ~20 s on
+an H100), installed by ``AdapterStore.sync`` on the engine thread, and used by that adapter's *new* leases.
+It is retired by the admin, when its adapter goes cold (no lease for ``idle_seconds``; under the ``auto``
+policy also when its share of recent traffic falls below half of ``snapshot_share``), when its adapter gets
+a new version, or to make room under ``max_snapshots``; a retiring snapshot is dropped once unpinned.
+
+Drift. On an NF4 base, ``merge_and_unload`` dequantizes each targeted weight, adds ``B @ A * scale`` and
+quantizes the sum again to NF4, so the merged weights carry a fresh rounding error of the order of the NF4
+step (about 1/8 of each block's absmax) wherever the LoRA delta moved a value across a code boundary.
+Snapshot outputs therefore differ slightly from the unmerged path; measured on a tiny NF4 Llama
+(benchmarks/adapter_load.py, the demo adapters): see the figures in the module README / closing note; the
+unmerged PEFT path stays the reference and a snapshot is an opt-in trade of exactness for speed.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from peft import PeftModelForCausalLM, set_peft_model_state_dict
+
+from adapter_store.loader import AdapterLoadError, read_adapter
+from adapter_store.registry import AdapterSource
+
+log = logging.getLogger(__name__)
+
+SnapshotState = Literal["none", "building", "active", "retiring", "failed"]
+
+
+def build_merged(base_loader: Callable[[], torch.nn.Module], source: AdapterSource) -> torch.nn.Module:
+    """Fresh base + ``source`` merged (``merge_and_unload``): a plain model with no LoRA layers."""
+    adapter = read_adapter(source)
+    if adapter.digest != source.digest:
+        raise AdapterLoadError(f"adapter {source.name!r} changed on disk; register it again", status=409)
+    base = base_loader()
+    peft = PeftModelForCausalLM(base, adapter.config, adapter_name="snapshot", low_cpu_mem_usage=True)
+    set_peft_model_state_dict(peft, adapter.state_dict, adapter_name="snapshot", low_cpu_mem_usage=True)
+    merged = peft.merge_and_unload()
+    merged.eval()
+    return merged
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """One snapshot of one adapter version."""
+
+    name: str
+    digest: str
+    state: SnapshotState = "building"
+    model: torch.nn.Module | None = None
+    pins: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    future: Future[torch.nn.Module] | None = None
+    error: str | None = None
+    build_seconds: float = 0.0
+
+
+class SnapshotManager:
+    """Snapshots by adapter name; the ``AdapterStore`` holds one and calls it under its own lock.
+    ``lease``/``release``/``sync`` run on the engine thread; ``request``/``retire`` on any thread."""
+
+    def __init__(
+        self,
+        base_loader: Callable[[], torch.nn.Module] | None,
+        *,
+        policy: str,
+        max_snapshots: int,
+        share: float,
+        on_active: Callable[[str, bool], None],
+        window: int = 200,
+        min_requests: int = 20,
+        idle_seconds: float = 300.0,
+    ) -> None:
+        self._base_loader = base_loader
+        self.policy = policy
+        self._max = max_snapshots
+        self._share = share
+        self._on_active = on_active
+        self._traffic: collections.deque[str] = collections.deque(maxlen=window)
+        self._min_requests = min_requests
+        self._idle = idle_seconds
+        self._snaps: dict[str, Snapshot] = {}
+        self._retiring: list[Snapshot] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-builder")
+        self._changed = threading.Event()
+        self._requests_seen = 0
+        self._last_idle_check = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self._base_loader is not None and self.policy != "off" and self._max > 0
+
+    def state(self, name: str) -> str:
+        snap = self._snaps.get(name)
+        return "none" if snap is None else snap.state
+
+    def count_active(self) -> int:
+        return sum(1 for s in self._snaps.values() if s.state == "active")
+
+    # ------------------------------------------------------------------------------ engine thread
+    def record(self, name: str) -> None:
+        self._traffic.append(name)
+        self._requests_seen += 1
+
+    def lease(self, name: str, digest: str) -> torch.nn.Module | None:
+        snap = self._snaps.get(name)
+        if snap is None or snap.state != "active" or snap.digest != digest or snap.model is None:
+            return None
+        snap.pins += 1
+        snap.last_used = time.monotonic()
+        return snap.model
+
+    def release(self, name: str, model: torch.nn.Module) -> None:
+        for snap in [self._snaps.get(name), *self._retiring]:
+            if snap is not None and snap.model is model:
+                snap.pins -= 1
+                if snap.pins <= 0 and snap.state == "retiring":
+                    self._changed.set()
+                return
+
+    def dirty(self) -> bool:
+        return self._changed.is_set() or (self.policy == "auto" and self._requests_seen > 0)
+
+    def sync(self, current: Callable[[str], AdapterSource | None]) -> None:
+        """Install finished builds, retire cold/stale/unpinned ones, apply the auto policy."""
+        self._changed.clear()
+        for name, snap in list(self._snaps.items()):
+            if snap.state == "building" and snap.future is not None and snap.future.done():
+                self._install(snap)
+            src = current(name)
+            if snap.state in ("active", "building") and (src is None or src.digest != snap.digest):
+                self._retire(snap)
+        now = time.monotonic()
+        if now - self._last_idle_check > 1.0:
+            self._last_idle_check = now
+            for snap in list(self._snaps.values()):
+                if snap.state == "active" and snap.pins == 0 and now - snap.last_used > self._idle:
+                    log.info("snapshot of %s retired: idle for %.0f s", snap.name, now - snap.last_used)
+                    self._retire(snap)
+        if self.policy == "auto" and self._requests_seen:
+            self._requests_seen = 0
+            self._auto(current)
+        freed = [s for s in self._retiring if s.pins <= 0]
+        if freed:
+            self._retiring = [s for s in self._retiring if s.pins > 0]
+            for s in freed:
+                s.model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    # ----------------------------------------------------------------------------------- any thread
+    def request(self, source: AdapterSource) -> None:
+        """Start building a snapshot of ``source`` (no-op if one exists or is building for that version)."""
+        if self._base_loader is None or self.policy == "off":
+            raise AdapterLoadError(
+                "merged snapshots are disabled on this server", status=409, reason="disabled"
+            )
+        if self._max <= 0:
+            raise AdapterLoadError(
+                "max_snapshots is 0: no snapshot can be built", status=409, reason="disabled"
+            )
+        snap = self._snaps.get(source.name)
+        if snap is not None and snap.digest == source.digest and snap.state in ("building", "active"):
+            return
+        if snap is not None:
+            self._retire(snap)
+        live = [s for s in self._snaps.values() if s.state in ("building", "active")]
+        while len(live) >= self._max:
+            victims = sorted((s for s in live if s.state == "active"), key=lambda s: s.last_used)
+            if not victims:
+                raise AdapterLoadError(
+                    "every snapshot slot is busy building; retry later", status=409, reason="busy"
+                )
+            self._retire(victims[0])
+            live.remove(victims[0])
+        snap = Snapshot(source.name, source.digest)
+        snap.future = self._pool.submit(self._build, source, snap)
+        self._snaps[source.name] = snap
+
+    def retire(self, name: str) -> bool:
+        snap = self._snaps.get(name)
+        if snap is None or snap.state not in ("building", "active", "failed"):
+            return False
+        self._retire(snap)
+        self._changed.set()
+        return True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------------------------ internals
+    def _build(self, source: AdapterSource, snap: Snapshot) -> torch.nn.Module:
+        if self._base_loader is None:
+            raise AdapterLoadError("snapshots are disabled", status=409)
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                return build_merged(self._base_loader, source)
+        finally:
+            snap.build_seconds = time.perf_counter() - t0
+            self._changed.set()
+
+    def _install(self, snap: Snapshot) -> None:
+        assert snap.future is not None  # building snapshots always carry their future
+        try:
+            snap.model = snap.future.result()
+        except Exception as e:  # a failed build fails only the snapshot; the adapter keeps serving unmerged
+            snap.state, snap.error = "failed", str(e)
+            log.warning("snapshot of %s failed: %s", snap.name, e)
+            return
+        snap.state, snap.last_used = "active", time.monotonic()
+        log.info("snapshot of %s active (built in %.2f s)", snap.name, snap.build_seconds)
+        self._on_active(snap.name, True)
+
+    def _retire(self, snap: Snapshot) -> None:
+        was_active = snap.state == "active"
+        if snap.future is not None and not snap.future.done():
+            snap.future.cancel()
+        if self._snaps.get(snap.name) is snap:
+            del self._snaps[snap.name]
+        snap.state = "retiring"
+        if snap.model is not None or (snap.future is not None and not snap.future.cancelled()):
+            self._retiring.append(snap)
+        if was_active:
+            self._on_active(snap.name, False)
+
+    def _auto(self, current: Callable[[str], AdapterSource | None]) -> None:
+        if not self.enabled or len(self._traffic) < self._min_requests:
+            return
+        counts = collections.Counter(self._traffic)
+        total = len(self._traffic)
+        for name, snap in list(self._snaps.items()):
+            if snap.state == "active" and counts[name] / total < self._share / 2:
+                log.info("snapshot of %s retired: share fell to %.0f%%", name, 100 * counts[name] / total)
+                self._retire(snap)
+        for name, n in counts.most_common(self._max):
+            if n / total <= self._share or name in self._snaps:
+                continue
+            source = current(name)
+            if source is not None:
+                try:
+                    self.request(source)
+                except AdapterLoadError as e:
+                    log.info("auto snapshot of %s not started: %s", name, e)

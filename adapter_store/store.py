@@ -1,0 +1,360 @@
+"""Adapter tiers: GPU (in the PeftModel) <- CPU (host state dicts) <- disk, with LRU, pinning and
+background loads.
+
+Threading. ``acquire``, ``release``, ``sync`` and ``model`` belong to the engine thread: only they touch the
+model. Disk reads run on one loader thread; snapshot builds on another. ``load``, ``unload``, ``adapters``,
+``build_snapshot`` and ``retire_snapshot`` are safe from any thread: they only change bookkeeping, and the
+engine thread applies the change at its next ``sync``. One lock guards the bookkeeping; no model work runs
+under it except on the engine thread.
+
+Versions. Each version of an adapter lives in the PeftModel under its own name (``name@digest[:12]``).
+Re-registering changed files makes the new version current: new acquires wait for (and get) it, leases on
+the old one keep running on the old weights, and the old one is deleted when its last lease is released.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from peft import PeftModelForCausalLM
+from transformers import PreTrainedModel
+
+from adapter_store.loader import AdapterLoadError, LoadedAdapter, inject, peft_name, read_adapter, remove
+from adapter_store.registry import AdapterRefusedError, AdapterRegistry, AdapterSource
+from adapter_store.snapshots import SnapshotManager
+
+log = logging.getLogger(__name__)
+
+FAILURE_BACKOFF_S = 30.0
+
+
+class StoreObserver(Protocol):
+    """Receives the store's events (``server.metrics.Metrics`` implements it)."""
+
+    def on_adapter_load(self, tier: str, seconds: float) -> None: ...
+    def on_adapter_evict(self, tier: str) -> None: ...
+    def on_adapter_resident(self, adapter: str, tier: str, resident: bool) -> None: ...
+    def on_snapshot_active(self, adapter: str, active: bool) -> None: ...
+
+
+class _NullObserver:
+    def on_adapter_load(self, tier: str, seconds: float) -> None:
+        pass
+
+    def on_adapter_evict(self, tier: str) -> None:
+        pass
+
+    def on_adapter_resident(self, adapter: str, tier: str, resident: bool) -> None:
+        pass
+
+    def on_snapshot_active(self, adapter: str, active: bool) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class Lease:
+    """Pins one adapter version while a sequence uses it. Rows of a lease with ``snapshot`` run on that
+    merged model; the others run on ``AdapterStore.model`` with ``adapter_names=[peft_name, ...]``."""
+
+    adapter: str
+    peft_name: str
+    digest: str
+    snapshot: torch.nn.Module | None = None
+
+
+@dataclass(slots=True)
+class AdapterInfo:
+    """One registered adapter as the admin API shows it."""
+
+    name: str
+    tier: str  # "gpu" | "cpu" | "disk"
+    pinned: int
+    digest: str
+    requests: int
+    snapshot: str  # "none" | "building" | "active" | "failed"
+    rank: int
+    path: str
+
+
+@dataclass(slots=True)
+class _GpuEntry:
+    source: AdapterSource
+    key: str
+    pins: int = 0
+
+
+@dataclass(slots=True)
+class _Failure:
+    digest: str
+    error: AdapterLoadError
+    retry_at: float
+
+
+class AdapterStore:
+    """GPU/CPU/disk tiers of LoRA adapters over one resident base model."""
+
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        registry: AdapterRegistry,
+        *,
+        max_gpu_adapters: int,
+        max_cpu_adapters: int,
+        observer: StoreObserver | None = None,
+        base_loader: Callable[[], PreTrainedModel] | None = None,
+        snapshot_policy: str = "manual",
+        max_snapshots: int = 1,
+        snapshot_share: float = 0.5,
+        failure_backoff_s: float = FAILURE_BACKOFF_S,
+    ) -> None:
+        if max_gpu_adapters < 1 or max_cpu_adapters < 0:
+            raise ValueError("max_gpu_adapters must be >= 1 and max_cpu_adapters >= 0")
+        self._base = base_model
+        self.registry = registry
+        self._max_gpu = max_gpu_adapters
+        self._max_cpu = max_cpu_adapters
+        self._obs: StoreObserver = observer or _NullObserver()
+        self._backoff = failure_backoff_s
+        self._pin = next(base_model.parameters()).device.type == "cuda"
+        self._peft: PeftModelForCausalLM | None = None
+        self._gpu: collections.OrderedDict[str, _GpuEntry] = collections.OrderedDict()  # LRU first
+        self._cpu: collections.OrderedDict[str, LoadedAdapter] = collections.OrderedDict()  # LRU first
+        self._loading: dict[str, tuple[AdapterSource, Future[LoadedAdapter], float]] = {}
+        self._wanted: dict[str, AdapterSource] = {}  # versions some acquirer waits for
+        self._failed: dict[str, _Failure] = {}
+        self._requests: collections.Counter[str] = collections.Counter()
+        self._lock = threading.RLock()
+        self._dirty = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        self.snapshots = SnapshotManager(
+            base_loader,
+            policy=snapshot_policy,
+            max_snapshots=max_snapshots,
+            share=snapshot_share,
+            on_active=self._obs.on_snapshot_active,
+        )
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The PeftModel while any adapter is on the GPU, else the base (whose LoRA layers, if any, hold no
+        adapter and act as the plain base). Pass ``adapter_names`` only to the PeftModel."""
+        return self._peft if self._peft is not None and self._gpu else self._base
+
+    # --------------------------------------------------------------------------- engine thread only
+    def acquire(self, name: str) -> Lease | None:
+        """Pin ``name`` if it can run now; else start its load (once) and return None."""
+        source = self.registry.get(name)
+        if source is None:
+            raise AdapterRefusedError("not_found", f"adapter {name!r} is not registered", status=404)
+        key = peft_name(source.name, source.digest)
+        with self._lock:
+            snapshot = self.snapshots.lease(name, source.digest)
+            entry = self._gpu.get(key)
+            if snapshot is None and entry is None:
+                self._want(source, key)
+                return None
+            if entry is not None:
+                self._gpu.move_to_end(key)
+                if snapshot is None:
+                    entry.pins += 1
+            self._requests[name] += 1
+            self.snapshots.record(name)
+            return Lease(name, key, source.digest, snapshot)
+
+    def release(self, lease: Lease) -> None:
+        with self._lock:
+            if lease.snapshot is not None:
+                self.snapshots.release(lease.adapter, lease.snapshot)
+                return
+            entry = self._gpu.get(lease.peft_name)
+            if entry is None:
+                return
+            entry.pins -= 1
+            if entry.pins <= 0 and (self._wanted or not self._is_current(entry.source)):
+                self._dirty.set()
+
+    def sync(self) -> None:
+        """Between steps: promote loaded adapters that are waited for, drop unpinned old versions,
+        install/retire snapshots. Cheap when nothing changed."""
+        if not self._dirty.is_set() and not self.snapshots.dirty():
+            return
+        with self._lock:
+            self._dirty.clear()
+            self._harvest_loads()
+            for entry in list(self._gpu.values()):
+                if entry.pins <= 0 and not self._is_current(entry.source):
+                    self._evict_gpu(entry.key)
+            for key, source in list(self._wanted.items()):
+                if key in self._gpu or not self._is_current(source) or source.name in self._failed:
+                    del self._wanted[key]
+                elif key in self._cpu:
+                    if not self._promote(key):
+                        break  # every GPU slot is pinned: wait for a release
+                elif key not in self._loading:
+                    self._start_load(source)
+            self._trim_cpu()
+            self.snapshots.sync(self.registry.peek)
+
+    # ------------------------------------------------------------------------------------ any thread
+    def load(self, name: str, path: str | Path) -> AdapterInfo:
+        """Register (or re-register: a changed file is a new version) and start loading it."""
+        source = self.registry.register(name, path)
+        key = peft_name(source.name, source.digest)
+        with self._lock:
+            self._failed.pop(name, None)
+            if key not in self._gpu and key not in self._cpu and key not in self._loading:
+                self._start_load(source)
+            self._dirty.set()
+            return self._info(source)
+
+    def unload(self, name: str) -> None:
+        """Unregister ``name``; its GPU copy goes once unpinned, its CPU copy at once."""
+        self.registry.unregister(name)
+        with self._lock:
+            self._failed.pop(name, None)
+            for key in [k for k, a in self._cpu.items() if a.source.name == name]:
+                self._drop_cpu(key)
+            self.snapshots.retire(name)
+            self._dirty.set()
+
+    def adapters(self) -> list[AdapterInfo]:
+        with self._lock:
+            return [self._info(s) for n in self.registry.names() if (s := self.registry.peek(n)) is not None]
+
+    def build_snapshot(self, name: str) -> None:
+        source = self.registry.get(name)
+        if source is None:
+            raise AdapterRefusedError("not_found", f"adapter {name!r} is not registered", status=404)
+        with self._lock:
+            self.snapshots.request(source)
+
+    def retire_snapshot(self, name: str) -> None:
+        with self._lock:
+            if not self.snapshots.retire(name):
+                raise AdapterRefusedError("not_found", f"adapter {name!r} has no snapshot", status=404)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.snapshots.close()
+
+    # ------------------------------------------------------------------------------------- internals
+    def _is_current(self, source: AdapterSource) -> bool:
+        current = self.registry.peek(source.name)
+        return current is not None and current.digest == source.digest
+
+    def _want(self, source: AdapterSource, key: str) -> None:
+        failure = self._failed.get(source.name)
+        if failure is not None:
+            if failure.digest == source.digest and time.monotonic() < failure.retry_at:
+                raise failure.error
+            del self._failed[source.name]
+        if key not in self._wanted:
+            self._wanted[key] = source
+            self._dirty.set()
+        if key not in self._cpu and key not in self._loading:
+            self._start_load(source)
+
+    def _start_load(self, source: AdapterSource) -> None:
+        key = peft_name(source.name, source.digest)
+        future = self._pool.submit(read_adapter, source, pin_memory=self._pin)
+        future.add_done_callback(lambda _: self._dirty.set())
+        self._loading[key] = (source, future, time.perf_counter())
+
+    def _harvest_loads(self) -> None:
+        for key, (source, future, t0) in list(self._loading.items()):
+            if not future.done():
+                continue
+            del self._loading[key]
+            try:
+                loaded = future.result()
+            except AdapterLoadError as e:
+                self._fail(source, e)
+                continue
+            except Exception as e:  # an unexpected loader bug fails this adapter, not the server
+                log.exception("loading adapter %s failed", source.name)
+                self._fail(source, AdapterLoadError(f"adapter {source.name!r} failed to load: {e}"))
+                continue
+            if loaded.digest != source.digest:
+                # the files changed after registration: re-validate; the new version loads on demand
+                try:
+                    self.registry.register(source.name, source.path)
+                except AdapterRefusedError as e:
+                    self._fail(source, AdapterLoadError(str(e), status=e.status, reason=e.reason))
+                continue
+            self._cpu[key] = loaded
+            self._obs.on_adapter_load("cpu", time.perf_counter() - t0)
+            self._obs.on_adapter_resident(source.name, "cpu", True)
+
+    def _fail(self, source: AdapterSource, error: AdapterLoadError) -> None:
+        log.warning("adapter %s: %s", source.name, error)
+        self._failed[source.name] = _Failure(source.digest, error, time.monotonic() + self._backoff)
+
+    def _promote(self, key: str) -> bool:
+        """CPU tier -> PeftModel, evicting the LRU unpinned GPU adapter if full. False if all are pinned."""
+        while len(self._gpu) >= self._max_gpu:
+            victim = next((e.key for e in self._gpu.values() if e.pins <= 0), None)
+            if victim is None:
+                return False
+            self._evict_gpu(victim)
+        loaded = self._cpu[key]
+        self._cpu.move_to_end(key)
+        del self._wanted[key]
+        t0 = time.perf_counter()
+        try:
+            self._peft = inject(self._peft, self._base, loaded, key)
+        except AdapterLoadError as e:
+            self._fail(loaded.source, e)
+            return True
+        self._gpu[key] = _GpuEntry(loaded.source, key)
+        self._obs.on_adapter_load("gpu", time.perf_counter() - t0)
+        self._obs.on_adapter_resident(loaded.source.name, "gpu", True)
+        return True
+
+    def _evict_gpu(self, key: str) -> None:
+        entry = self._gpu.pop(key)
+        if self._peft is not None:
+            remove(self._peft, key)
+        self._obs.on_adapter_evict("gpu")
+        if not any(e.source.name == entry.source.name for e in self._gpu.values()):
+            self._obs.on_adapter_resident(entry.source.name, "gpu", False)
+
+    def _trim_cpu(self) -> None:
+        for key in [k for k, a in self._cpu.items() if not self._is_current(a.source)]:
+            self._drop_cpu(key)
+        for key in list(self._cpu):
+            if len(self._cpu) <= self._max_cpu:
+                break
+            if key not in self._wanted:
+                self._drop_cpu(key)
+                self._obs.on_adapter_evict("cpu")
+
+    def _drop_cpu(self, key: str) -> None:
+        name = self._cpu.pop(key).source.name
+        if not any(a.source.name == name for a in self._cpu.values()):
+            self._obs.on_adapter_resident(name, "cpu", False)
+
+    def _info(self, source: AdapterSource) -> AdapterInfo:
+        key = peft_name(source.name, source.digest)
+        tier = "gpu" if key in self._gpu else "cpu" if key in self._cpu else "disk"
+        pinned = sum(e.pins for e in self._gpu.values() if e.source.name == source.name)
+        snapshot = self.snapshots.state(source.name)
+        snapshot = "none" if snapshot == "retiring" else snapshot
+        return AdapterInfo(
+            source.name,
+            tier,
+            pinned,
+            source.digest,
+            self._requests[source.name],
+            snapshot,
+            source.rank,
+            str(source.path),
+        )
