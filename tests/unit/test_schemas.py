@@ -4,6 +4,8 @@ naming its param (the API turns it into a 400 envelope)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -248,3 +250,12 @@ def test_chunk_delta_omits_unset_role_and_content() -> None:
         "finish_reason": None,
     }
     assert "usage" not in json.loads(chunk.model_dump_json())
+
+
+def test_the_api_never_imports_torch() -> None:
+    code = (
+        "import sys, server.api.app, server.api.openai_routes, server.api.streaming, server.api.auth; "
+        "sys.exit('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr or "importing server.api.app imported torch"
