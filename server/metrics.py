@@ -137,7 +137,10 @@ class Metrics:
             "loraserve_requests_rejected", "Requests refused before admission", ["reason"], registry=registry
         )
         self.requests_aborted_total = Counter(
-            "loraserve_requests_aborted", "Requests aborted while queued or running", ["reason"], registry=registry
+            "loraserve_requests_aborted",
+            "Requests aborted while queued or running",
+            ["reason"],
+            registry=registry,
         )
 
     # ---- the adapter store's observer protocol (adapter_store.store.StoreObserver)

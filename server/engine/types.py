@@ -337,6 +337,9 @@ class ModelRunner(Protocol):
     @property
     def num_slots(self) -> int: ...
 
+    @property
+    def vocab_size(self) -> int: ...
+
     def adapter_names(self) -> list[str]:
         """Adapters that requests may name (registered, in any tier). Safe from any thread."""
         ...

@@ -1,0 +1,452 @@
+"""AsyncEngine: requests in from asyncio, one engine thread running the model, token events back out.
+
+The loop reads at a glance::
+
+    result = scheduler.schedule(now)        # GenerationRequest state -> Batch
+    output = runner.step(result.batch)      # Batch -> StepOutput
+    self._postprocess(batch, output)        # StepOutput -> TokenEvents on each request's queue
+
+Everything that touches the model happens on the engine thread. Submissions and aborts cross into it
+through a lock-protected inbox; events cross back with ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.types import (
+    AdapterLease,
+    AdapterUnavailableError,
+    Batch,
+    EngineError,
+    EngineNotReadyError,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequestError,
+    ModelRunner,
+    PromptTooLongError,
+    QueueFullError,
+    Sequence,
+    StepFailedError,
+    StepOutput,
+    TokenEvent,
+    UnknownModelError,
+)
+from server.metrics import Metrics
+
+log = logging.getLogger("loraserve.engine")
+
+IDLE_WAIT_S = 0.05  # how long the loop sleeps with nothing to do before housekeeping again
+
+
+@dataclass(slots=True, frozen=True)
+class EngineConfig:
+    max_num_batched_tokens: int = 4096
+    max_loras_per_batch: int = 8
+    max_queue: int = 256
+
+
+class RequestStream:
+    """The token events of one request, in order; ends after the event that carries ``finish_reason``."""
+
+    def __init__(self, request_id: str, prompt_tokens: int, queue: asyncio.Queue[TokenEvent]) -> None:
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self._queue = queue
+        self._done = False
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._done:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if event.finished:
+            self._done = True
+        return event
+
+
+@dataclass(slots=True)
+class _Track:
+    """Engine-thread bookkeeping of one live request."""
+
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[TokenEvent]
+    label: str
+
+
+class AsyncEngine:
+    """Continuous-batching engine over one ``ModelRunner``. ``submit`` from the event loop, iterate the
+    returned stream; ``abort`` from anywhere."""
+
+    def __init__(self, runner: ModelRunner, config: EngineConfig, metrics: Metrics | None = None) -> None:
+        self.runner = runner
+        self.config = config
+        self.metrics = metrics
+        self.model_id = runner.model_id
+        self.max_model_len = runner.max_model_len
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_slots=runner.num_slots,
+                max_model_len=runner.max_model_len,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_loras_per_batch=config.max_loras_per_batch,
+                max_queue=config.max_queue,
+            ),
+            acquire=self._acquire,
+            release=runner.release_adapter,
+        )
+        self._cv = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._aborts: list[tuple[str, str]] = []
+        self._tracks: dict[str, _Track] = {}  # engine thread only
+        self._live_ids: set[str] = set()  # guarded by _cv
+        self._num_waiting = 0  # waiting in the scheduler, refreshed by the loop
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._draining = False
+        self._rng = random.SystemRandom()
+        self._last_lora_info: tuple[str, str, str] | None = None
+
+    # ------------------------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="loraserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting (``submit`` raises ``EngineNotReadyError``), let live requests finish for up to
+        ``timeout`` seconds, then abort the rest (finish_reason ``abort``)."""
+        self._draining = True
+        deadline = time.monotonic() + timeout
+        while self.num_live and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        with self._cv:
+            for request_id in self._live_ids:
+                self._aborts.append((request_id, "shutdown"))
+            self._cv.notify_all()
+        deadline = time.monotonic() + 5.0
+        while self.num_live and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def is_ready(self) -> bool:
+        return self.is_alive and not self._draining
+
+    @property
+    def num_live(self) -> int:
+        with self._cv:
+            return len(self._live_ids)
+
+    # ------------------------------------------------------------------------------------ models
+
+    def adapter_names(self) -> list[str]:
+        return self.runner.adapter_names()
+
+    def has_adapter(self, name: str) -> bool:
+        return self.runner.has_adapter(name)
+
+    # ------------------------------------------------------------------------------------ requests
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Validate and enqueue ``request``; raise an ``EngineError`` before any token if it cannot run.
+        Must be called on the event loop that will consume the stream."""
+        try:
+            seq = self._to_sequence(request)
+        except EngineError as invalid:
+            self._count_rejection(invalid)
+            raise
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        detok = IncrementalDetokenizer(
+            self.runner.tokenizer, seq.token_ids[: seq.num_prompt_tokens], seq.sampling.stop
+        )
+        label = self.model_id if seq.adapter is None else seq.adapter
+        if self.metrics is not None:
+            label = self.metrics.adapter_label(label)
+        track = _Track(seq=seq, detok=detok, loop=loop, queue=queue, label=label)
+        with self._cv:
+            if not self.is_ready:
+                refusal: EngineError = EngineNotReadyError(
+                    "the server is not accepting requests (starting or draining)"
+                )
+            elif request.request_id in self._live_ids:
+                refusal = InvalidRequestError(f"request id {request.request_id!r} is already in use")
+            elif self._num_waiting + len(self._inbox) >= self.config.max_queue:
+                refusal = QueueFullError(f"{self.config.max_queue} requests are waiting; retry shortly")
+            else:
+                self._live_ids.add(request.request_id)
+                self._tracks[request.request_id] = track
+                self._inbox.append(seq)
+                self._cv.notify_all()
+                if self.metrics is not None and seq.adapter is not None:
+                    self.metrics.adapter_requests_total.labels(adapter=label).inc()
+                return RequestStream(request.request_id, seq.num_prompt_tokens, queue)
+        self._count_rejection(refusal)
+        raise refusal
+
+    def abort(self, request_id: str, reason: str = "disconnect") -> None:
+        """Abort a live request (idempotent, any thread). Its row is freed before the next step."""
+        with self._cv:
+            if request_id in self._live_ids:
+                self._aborts.append((request_id, reason))
+                self._cv.notify_all()
+
+    def _to_sequence(self, request: GenerationRequest) -> Sequence:
+        if request.adapter is not None and not self.runner.has_adapter(request.adapter):
+            raise UnknownModelError(f"the model {request.adapter!r} does not exist", param="model")
+        tokenizer = self.runner.tokenizer
+        if request.messages is not None:
+            prompt_ids = tokenizer.encode_chat(request.messages)
+            param = "messages"
+        elif isinstance(request.prompt, str):
+            prompt_ids = tokenizer.encode(request.prompt)
+            param = "prompt"
+        else:
+            prompt_ids = list(request.prompt or [])
+            param = "prompt"
+            vocab = self.runner.vocab_size
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param=param)
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty", param=param)
+        max_tokens = request.sampling.max_tokens
+        if len(prompt_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len}",
+                param=param,
+            )
+        if len(prompt_ids) + max_tokens > self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
+                f"context of {self.max_model_len} tokens",
+                param="max_tokens",
+            )
+        seed = request.sampling.seed if request.sampling.seed is not None else self._rng.getrandbits(63)
+        return Sequence(
+            request_id=request.request_id,
+            token_ids=prompt_ids,
+            num_prompt_tokens=len(prompt_ids),
+            sampling=request.sampling,
+            adapter=request.adapter,
+            seed=seed,
+            tenant=request.tenant,
+            arrival_time=request.arrival_time,
+        )
+
+    def _count_rejection(self, exc: EngineError) -> None:
+        if self.metrics is not None:
+            self.metrics.requests_rejected_total.labels(reason=exc.code).inc()
+
+    # ------------------------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        log.info("engine loop started (%d slots, context %d)", self.runner.num_slots, self.max_model_len)
+        while True:
+            with self._cv:
+                if self._stopping:
+                    break
+                if not (self._inbox or self._aborts or self.scheduler.has_work):
+                    self._cv.wait(IDLE_WAIT_S)
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+            try:
+                self._iterate(inbox, aborts)
+            except Exception:  # the loop must survive anything a step or a hook throws
+                log.exception("engine iteration failed")
+        log.info("engine loop stopped")
+
+    def _iterate(self, inbox: list[Sequence], aborts: list[tuple[str, str]]) -> None:
+        for seq in inbox:
+            self.scheduler.waiting.append(seq)
+        for request_id, reason in aborts:
+            self._abort_now(request_id, reason)
+        try:
+            self.runner.housekeeping()
+        except Exception:
+            log.exception("runner housekeeping failed")
+        now = time.monotonic()
+        result = self.scheduler.schedule(now)
+        for seq, exc in result.failed:
+            self._finish(seq, FinishReason.ERROR, error=exc)
+        batch = result.batch
+        if batch is not None:
+            if batch.kind == "prefill" and self.metrics is not None:
+                for seq in batch.seqs:
+                    queue_time = now - seq.arrival_time
+                    self.metrics.request_queue_time_seconds.labels(model_name=self._label(seq)).observe(
+                        queue_time
+                    )
+            try:
+                output = self.runner.step(batch)
+            except Exception as exc:
+                log.exception("%s step of %d sequences failed", batch.kind, len(batch))
+                error = StepFailedError(f"the model step failed: {type(exc).__name__}: {exc}")
+                for seq in batch.seqs:
+                    self._finish(seq, FinishReason.ERROR, error=error)
+            else:
+                self._postprocess(batch, output)
+        self._num_waiting = len(self.scheduler.waiting)
+        self._update_gauges()
+
+    def _postprocess(self, batch: Batch, output: StepOutput) -> None:
+        """StepOutput -> TokenEvents, finishing sequences that hit EOS, a stop string or a length limit."""
+        now = time.monotonic()
+        eos = self.runner.tokenizer.eos_token_ids
+        for seq, token in zip(batch.seqs, output.token_ids, strict=True):
+            seq.num_cached = seq.num_tokens
+            seq.token_ids.append(token)
+            track = self._tracks[seq.request_id]
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                if self.metrics is not None:
+                    ttft = now - seq.arrival_time
+                    self.metrics.time_to_first_token_seconds.labels(model_name=track.label).observe(ttft)
+            elif self.metrics is not None and seq.last_token_time is not None:
+                itl = now - seq.last_token_time
+                self.metrics.inter_token_latency_seconds.labels(model_name=track.label).observe(itl)
+            seq.last_token_time = now
+            if seq.aborted:
+                self._finish(seq, FinishReason.ABORT)
+                continue
+            if token in eos and not seq.sampling.ignore_eos:
+                self._finish(seq, FinishReason.STOP, text=track.detok.flush(), last_token=token)
+                continue
+            text = track.detok.add(token)
+            if track.detok.stopped:
+                self._finish(seq, FinishReason.STOP, text=text, last_token=token)
+            elif seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+                self._finish(seq, FinishReason.LENGTH, text=text + track.detok.flush(), last_token=token)
+            else:
+                self._emit(
+                    track,
+                    TokenEvent(seq.request_id, text, (token,), seq.num_prompt_tokens, seq.num_output_tokens),
+                )
+
+    def _abort_now(self, request_id: str, reason: str) -> None:
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return
+        if self.metrics is not None:
+            self.metrics.requests_aborted_total.labels(reason=reason).inc()
+        seq.abort_reason = reason
+        self._finish(seq, FinishReason.ABORT)
+
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        *,
+        text: str = "",
+        last_token: int | None = None,
+        error: EngineError | None = None,
+    ) -> None:
+        slot = seq.slot
+        self.scheduler.finish(seq, reason)
+        if slot >= 0:
+            self.runner.free_slot(slot)
+        track = self._tracks.pop(seq.request_id, None)
+        with self._cv:
+            self._live_ids.discard(seq.request_id)
+        if track is None:
+            return
+        event = TokenEvent(
+            seq.request_id,
+            text,
+            () if last_token is None else (last_token,),
+            seq.num_prompt_tokens,
+            seq.num_output_tokens,
+            finish_reason=reason,
+            error=error,
+        )
+        self._emit(track, event)
+        self._record_finish(seq, track, reason, error)
+
+    def _record_finish(
+        self, seq: Sequence, track: _Track, reason: FinishReason, error: EngineError | None
+    ) -> None:
+        latency = time.monotonic() - seq.arrival_time
+        log.info(
+            "request finished",
+            extra={
+                "request_id": seq.request_id,
+                "tenant": seq.tenant,
+                "adapter": seq.adapter,
+                "prompt_tokens": seq.num_prompt_tokens,
+                "completion_tokens": seq.num_output_tokens,
+                "latency_s": round(latency, 4),
+                "finish_reason": reason.value,
+                "error": None if error is None else error.message,
+            },
+        )
+        if self.metrics is None:
+            return
+        m, label = self.metrics, track.label
+        m.e2e_request_latency_seconds.labels(model_name=label).observe(latency)
+        m.prompt_tokens_total.labels(model_name=label).inc(seq.num_prompt_tokens)
+        m.generation_tokens_total.labels(model_name=label).inc(seq.num_output_tokens)
+        m.request_success_total.labels(model_name=label, finished_reason=reason.value).inc()
+
+    def _emit(self, track: _Track, event: TokenEvent) -> None:
+        # a closed consumer loop (RuntimeError) means nobody is listening any more
+        with contextlib.suppress(RuntimeError):
+            track.loop.call_soon_threadsafe(track.queue.put_nowait, event)
+
+    def _label(self, seq: Sequence) -> str:
+        track = self._tracks.get(seq.request_id)
+        return track.label if track is not None else self.model_id
+
+    def _acquire(self, adapter: str) -> AdapterLease | None:
+        try:
+            return self.runner.acquire_adapter(adapter)
+        except EngineError:
+            raise
+        except Exception as exc:  # a runner bug must fail the request, not the loop
+            log.exception("acquiring adapter %s failed", adapter)
+            raise AdapterUnavailableError(
+                f"adapter {adapter!r} could not be loaded: {exc}", status=500
+            ) from exc
+
+    def _update_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        m, model = self.metrics, self.model_id
+        running, waiting = self.scheduler.running, self.scheduler.waiting
+        m.num_requests_running.labels(model_name=model).set(len(running))
+        m.num_requests_waiting.labels(model_name=model).set(len(waiting))
+        used = self.runner.num_slots - self.scheduler.num_free_slots
+        m.kv_cache_usage_perc.labels(model_name=model).set(used / self.runner.num_slots)
+        info = (
+            str(self.config.max_loras_per_batch),
+            ",".join(sorted(self.scheduler.running_adapters())),
+            ",".join(sorted(self.scheduler.waiting_adapters())),
+        )
+        if info != self._last_lora_info:
+            self._last_lora_info = info
+            m.lora_requests_info.clear()
+            m.lora_requests_info.labels(*info).set(time.time())
