@@ -1,0 +1,302 @@
+"""The only place that runs the model: prefill and decode steps for a batch of sequences, each row with its
+own adapter (PEFT's mixed-batch ``adapter_names``), its own position and its own KV slot.
+
+Shapes are bucketed so a decode step can be captured as a CUDA graph: a decode batch covers slots
+``[0, rows)`` with ``rows`` a power of two, and attention reads ``kv_len`` columns, also a power of two.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from server.engine.types import (
+    AdapterLease,
+    AdapterUnavailableError,
+    Batch,
+    Sequence,
+    StepOutput,
+    UnknownModelError,
+)
+from server.runtime.kv_cache import SlotKVCache, StepPlacement
+from server.runtime.sampler import Sampler
+from server.runtime.tokenizer import HFTokenizer
+
+log = logging.getLogger("loraserve.runtime")
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+MIN_KV_BUCKET = 32
+
+
+def bucket(n: int, cap: int, floor: int = 1) -> int:
+    """The smallest power of two >= n (at least ``floor``), capped at ``cap``."""
+    size = floor
+    while size < n:
+        size *= 2
+    return min(size, cap)
+
+
+@dataclass(slots=True)
+class _Group:
+    """Rows of one step that run through the same model (the shared PEFT model or one snapshot)."""
+
+    model: torch.nn.Module
+    rows: list[int]
+
+
+class ModelRunner:
+    """Implements ``server.engine.types.ModelRunner`` over a transformers causal LM and an adapter store."""
+
+    def __init__(
+        self,
+        *,
+        model: PreTrainedModel,
+        tokenizer: HFTokenizer,
+        model_id: str,
+        num_slots: int,
+        max_model_len: int,
+        store: object | None = None,
+    ) -> None:
+        config = model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        context = getattr(text_config, "max_position_embeddings", max_model_len)
+        if max_model_len > context:
+            log.warning(
+                "max_model_len %d exceeds the model's context %d; using %d", max_model_len, context, context
+            )
+            max_model_len = context
+        self.base_model = model
+        self.device = next(model.parameters()).device
+        self._tokenizer = tokenizer
+        self._model_id = model_id
+        self._num_slots = num_slots
+        self._max_model_len = max_model_len
+        self._vocab_size = int(text_config.vocab_size)
+        self.store = store
+        num_heads = text_config.num_attention_heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+        self.dtype = _compute_dtype(model)
+        self.kv = SlotKVCache(
+            num_layers=text_config.num_hidden_layers,
+            num_slots=num_slots,
+            num_kv_heads=getattr(text_config, "num_key_value_heads", num_heads),
+            head_dim=head_dim,
+            max_len=max_model_len,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.sampler = Sampler(self._vocab_size, num_slots, self.device)
+        log.info(
+            "KV memory: %d slots x %d tokens = %.1f MiB on %s",
+            num_slots,
+            max_model_len,
+            self.kv.nbytes / 2**20,
+            self.device,
+        )
+
+    # ------------------------------------------------------------------------------------ protocol
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def tokenizer(self) -> HFTokenizer:
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def num_slots(self) -> int:
+        return self._num_slots
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def adapter_names(self) -> list[str]:
+        return [] if self.store is None else sorted(self.store.registry.names())  # type: ignore[attr-defined]
+
+    def has_adapter(self, name: str) -> bool:
+        return self.store is not None and self.store.registry.get(name) is not None  # type: ignore[attr-defined]
+
+    def acquire_adapter(self, name: str) -> AdapterLease | None:
+        if self.store is None:
+            raise UnknownModelError(f"the model {name!r} does not exist", param="model")
+        from adapter_store import AdapterLoadError, AdapterRefusedError
+
+        try:
+            lease: AdapterLease | None = self.store.acquire(name)  # type: ignore[attr-defined]
+        except AdapterRefusedError as exc:
+            if exc.status == 404:
+                raise UnknownModelError(f"the model {name!r} does not exist", param="model") from exc
+            raise AdapterUnavailableError(str(exc), status=exc.status) from exc
+        except AdapterLoadError as exc:
+            raise AdapterUnavailableError(str(exc), status=exc.status) from exc
+        return lease
+
+    def release_adapter(self, lease: AdapterLease) -> None:
+        if self.store is not None:
+            self.store.release(lease)  # type: ignore[attr-defined]
+
+    def housekeeping(self) -> None:
+        if self.store is not None:
+            self.store.sync()  # type: ignore[attr-defined]
+
+    def free_slot(self, slot: int) -> None:
+        self.sampler.free(slot)
+
+    @torch.inference_mode()
+    def step(self, batch: Batch) -> StepOutput:
+        if batch.kind == "prefill":
+            return self._prefill(batch.seqs)
+        return self._decode(batch.seqs)
+
+    # ------------------------------------------------------------------------------------ steps
+
+    def _prefill(self, seqs: list[Sequence]) -> StepOutput:
+        """Batch -> StepOutput for new sequences: left-padded prompts, so every row's last token sits in
+        the last column and ``logits_to_keep=1`` gives each row's next-token logits."""
+        for seq in seqs:
+            if seq.num_cached == 0:
+                self.sampler.start(seq.slot, seq.token_ids, seq.sampling, seq.seed)
+        lengths = [seq.num_tokens - seq.num_cached for seq in seqs]
+        width = max(lengths)
+        rows = len(seqs)
+        scratch = self._max_model_len
+        input_ids = torch.zeros(rows, width, dtype=torch.long)  # [B, S]
+        rope_pos = torch.zeros(rows, width, dtype=torch.long)  # [B, S]
+        write_pos = torch.full((rows, width), scratch, dtype=torch.long)  # [B, S]
+        for i, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
+            positions = torch.arange(seq.num_cached, seq.num_tokens)
+            input_ids[i, width - n :] = torch.tensor(seq.token_ids[seq.num_cached :])
+            rope_pos[i, width - n :] = positions
+            write_pos[i, width - n :] = positions
+        kv_len = bucket(max(seq.num_tokens for seq in seqs), self._max_model_len, MIN_KV_BUCKET)
+        # each real query attends to its own past; padding queries attend to column 0 so no row is all -inf
+        cols = torch.arange(kv_len)
+        mask = cols[None, None, :] <= rope_pos[:, :, None]  # [B, S, L]
+        mask |= (write_pos == scratch)[:, :, None] & (cols == 0)[None, None, :]
+        slots = torch.tensor([seq.slot for seq in seqs], dtype=torch.long)
+        logits = torch.empty(rows, self._vocab_size, dtype=torch.float32, device=self.device)
+        for group in self._groups(seqs, range(rows)):
+            idx = torch.tensor(group.rows, dtype=torch.long)
+            self.kv.placement = StepPlacement(
+                write_pos=write_pos[idx].to(self.device), kv_len=kv_len, slot_ids=slots[idx].to(self.device)
+            )
+            logits[idx.to(self.device)] = self._forward(
+                group.model,
+                input_ids[idx],
+                rope_pos[idx],
+                mask[idx].unsqueeze(1),
+                [self._peft_name(seqs[r]) for r in group.rows],
+            )
+        tokens = self.sampler(logits, slots.to(self.device))
+        return StepOutput(token_ids=tokens.tolist())
+
+    def _decode(self, seqs: list[Sequence]) -> StepOutput:
+        """Batch -> StepOutput for running sequences: row i is slot i for i in [0, rows); rows of free slots
+        (and rows that run on a snapshot) write only to the scratch column."""
+        rows = bucket(max(seq.slot for seq in seqs) + 1, self._num_slots)
+        scratch = self._max_model_len
+        by_slot: dict[int, Sequence] = {seq.slot: seq for seq in seqs}
+        input_ids = torch.zeros(rows, 1, dtype=torch.long)  # [R, 1]
+        rope_pos = torch.zeros(rows, 1, dtype=torch.long)  # [R, 1]
+        for slot, seq in by_slot.items():
+            input_ids[slot, 0] = seq.token_ids[-1]
+            rope_pos[slot, 0] = seq.num_tokens - 1
+        kv_len = bucket(int(rope_pos.max()) + 1, self._max_model_len, MIN_KV_BUCKET)
+        cols = torch.arange(kv_len)
+        logits = torch.empty(rows, self._vocab_size, dtype=torch.float32, device=self.device)
+        sample_slots = torch.full((rows,), self._num_slots, dtype=torch.long)
+        for slot in by_slot:
+            sample_slots[slot] = slot
+        groups = self._groups(seqs, [seq.slot for seq in seqs])
+        for group in groups:
+            if group.model is self._shared_model:
+                # every row of the view runs; rows outside this group write to the scratch column only
+                active = torch.zeros(rows, dtype=torch.bool)
+                active[group.rows] = True
+                write_pos = torch.where(active[:, None], rope_pos, scratch)
+                mask = (cols[None, :] <= rope_pos) & active[:, None] | (
+                    ~active[:, None] & (cols == 0)[None, :]
+                )
+                names = [self._peft_name(by_slot[r]) if active[r] else BASE_ADAPTER for r in range(rows)]
+                self.kv.placement = StepPlacement(write_pos=write_pos.to(self.device), kv_len=kv_len)
+                out = self._forward(group.model, input_ids, rope_pos, mask[:, None, None, :], names)
+                logits[active.to(self.device)] = out[active.to(self.device)]
+            else:
+                idx = torch.tensor(group.rows, dtype=torch.long)
+                self.kv.placement = StepPlacement(
+                    write_pos=rope_pos[idx].to(self.device), kv_len=kv_len, slot_ids=idx.to(self.device)
+                )
+                mask = cols[None, :] <= rope_pos[idx]
+                names = [BASE_ADAPTER] * len(group.rows)
+                logits[idx.to(self.device)] = self._forward(
+                    group.model, input_ids[idx], rope_pos[idx], mask[:, None, None, :], names
+                )
+        tokens = self.sampler(logits, sample_slots.to(self.device)).tolist()
+        return StepOutput(token_ids=[tokens[seq.slot] for seq in seqs])
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    @property
+    def _shared_model(self) -> torch.nn.Module:
+        return self.base_model if self.store is None else self.store.model  # type: ignore[attr-defined]
+
+    def _groups(self, seqs: list[Sequence], rows: Iterable[int]) -> list[_Group]:
+        """Split the rows by the model they run on: the shared PEFT model, or a lease's merged snapshot."""
+        shared = _Group(self._shared_model, [])
+        groups: dict[int, _Group] = {}
+        for seq, row in zip(seqs, rows, strict=True):
+            snapshot = getattr(seq.lease, "snapshot", None)
+            if snapshot is None:
+                shared.rows.append(row)
+            else:
+                groups.setdefault(id(snapshot), _Group(snapshot, [])).rows.append(row)
+        return ([shared] if shared.rows else []) + list(groups.values())
+
+    @staticmethod
+    def _peft_name(seq: Sequence) -> str:
+        name = getattr(seq.lease, "peft_name", None)
+        return BASE_ADAPTER if name is None else str(name)
+
+    def _forward(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        rope_pos: torch.Tensor,
+        mask: torch.Tensor,
+        adapter_names: list[str],
+    ) -> torch.Tensor:
+        """One forward over ``input_ids`` [B, S]; returns the last column's logits [B, V] in float32."""
+        kwargs: dict[str, object] = {}
+        if _is_peft(model):
+            kwargs["adapter_names"] = adapter_names
+        out = model(
+            input_ids=input_ids.to(self.device),
+            position_ids=rope_pos.to(self.device),
+            attention_mask=mask.to(self.device),
+            past_key_values=self.kv,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
+        return out.logits[:, -1, :].float()
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def _compute_dtype(model: PreTrainedModel) -> torch.dtype:
+    """The dtype activations flow in: the 4-bit layers' compute dtype, else the embedding's dtype."""
+    embed = model.get_input_embeddings()
+    weight = getattr(embed, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
