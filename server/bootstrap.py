@@ -1,0 +1,125 @@
+"""Settings -> a running server's parts: base model, adapter store, runner, engine, app. Built once in
+``cli.serve`` (and by tests and benchmarks that want the same wiring without HTTP)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from server.config import Settings
+from server.engine.engine import AsyncEngine, EngineConfig
+from server.metrics import Metrics
+
+log = logging.getLogger("loraserve")
+
+
+@dataclass(slots=True)
+class ServerParts:
+    engine: AsyncEngine
+    app: FastAPI
+    store: object | None
+    metrics: Metrics
+
+    def close(self) -> None:
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()
+
+
+def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[AsyncEngine, object]:
+    """Load the base (or build the demo bundle), the adapter store and the runner; return the engine
+    (not started) and the store."""
+    from adapter_store import AdapterRegistry, AdapterStore
+    from server.runtime.loader import (
+        ModelSpec,
+        linear_module_names,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
+    from server.runtime.model_runner import ModelRunner
+    from server.runtime.tokenizer import HFTokenizer
+
+    source, model_id, adapter_dir = _resolve_sources(settings)
+    device = resolve_device(settings.device)
+    spec = ModelSpec(
+        source=source,
+        quantization=settings.quantization,
+        dtype=resolve_dtype(settings.dtype, device),
+        device=device,
+        allow_hub=settings.allow_hub,
+        trust_remote_code=settings.trust_remote_code,
+    )
+    log.info("loading %s (%s, %s) on %s", source, settings.quantization, spec.dtype, device)
+    model = load_model(spec)
+    hf_tokenizer, generation_config = load_tokenizer(spec)
+    base_ids = {model_id, source, Path(source).name}
+    roots = [adapter_dir] if adapter_dir is not None else []
+    registry = AdapterRegistry(
+        roots,
+        adapter_dir=adapter_dir,
+        base_model_ids=base_ids,
+        base_module_names=linear_module_names(model),
+        max_lora_rank=settings.max_lora_rank,
+        strict_base=settings.strict_base,
+        allow_hub=settings.allow_hub,
+    )
+    for refusal in registry.scan():
+        log.warning("adapter skipped: %s", refusal)
+    store = AdapterStore(
+        model,
+        registry,
+        max_gpu_adapters=settings.max_gpu_adapters,
+        max_cpu_adapters=settings.max_cpu_adapters,
+        observer=metrics,
+        base_loader=partial(load_model, spec) if settings.snapshot_policy != "off" else None,
+        snapshot_policy=settings.snapshot_policy,
+        max_snapshots=settings.max_snapshots,
+        snapshot_share=settings.snapshot_share,
+    )
+    runner = ModelRunner(
+        model=model,
+        tokenizer=HFTokenizer(hf_tokenizer, generation_config),
+        model_id=model_id,
+        num_slots=settings.max_num_seqs,
+        max_model_len=settings.max_model_len,
+        store=store,
+    )
+    engine = AsyncEngine(
+        runner,
+        EngineConfig(
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            max_loras_per_batch=settings.max_loras_per_batch,
+            max_queue=settings.max_queue,
+        ),
+        metrics,
+    )
+    return engine, store
+
+
+def build_server(settings: Settings) -> ServerParts:
+    from server.api.app import create_app
+
+    metrics = Metrics(CollectorRegistry())
+    engine, store = build_engine(settings, metrics)
+    app = create_app(settings, engine, store=store, metrics=metrics)
+    return ServerParts(engine=engine, app=app, store=store, metrics=metrics)
+
+
+def _resolve_sources(settings: Settings) -> tuple[str, str, Path | None]:
+    """(model source, served model id, adapter folder). No ``--model``: the embedded demo bundle, built
+    once into the cache, with its adapters unless ``--adapter-dir`` names others."""
+    if settings.model is not None:
+        model_id = settings.served_model_name or settings.model.rstrip("/").rsplit("/", 1)[-1]
+        return settings.model, model_id, settings.adapter_dir
+    from server.runtime.demo import DEMO_MODEL_ID, ensure_demo
+
+    bundle = ensure_demo(settings.demo_dir)
+    adapter_dir = settings.adapter_dir if settings.adapter_dir is not None else bundle.adapters
+    return str(bundle.base), settings.served_model_name or DEMO_MODEL_ID, adapter_dir
