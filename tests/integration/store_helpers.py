@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -13,6 +14,18 @@ from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreT
 BASE_ID = "tiny-llama-test"
 MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
 PROMPTS = [[1, 17, 42, 99, 3], [1, 200, 5, 6, 7, 8, 9], [1, 33]]
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny matmuls on a shared 2-core box: torch's intra-op threads spin against each other and make
+    each op ~500x slower than on one thread. The tests set one thread and restore the setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_base(folder: Path) -> Path:

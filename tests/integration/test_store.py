@@ -30,6 +30,7 @@ from tests.integration.store_helpers import (
     load_nf4,
     make_adapter,
     make_base,
+    one_torch_thread,
     reference,
 )
 
@@ -51,9 +52,19 @@ class Bundle:
     v2_refs: list[list[int]]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    root = tmp_path_factory.mktemp("store")
+    with one_torch_thread():
+        return _make_bundle(tmp_path_factory.mktemp("store"))
+
+
+def _make_bundle(root: Path) -> Bundle:
     base = make_base(root / "base")
     adapter_dir = root / "adapters"
     for name, (seed, r, targets) in SPECS.items():
