@@ -1,0 +1,182 @@
+"""Admin routes: load/unload adapters (vLLM-compatible bodies), list them, build/retire snapshots.
+
+The handle is ``request.app.state.store``, typed by the ``AdapterAdmin`` protocol: the API never imports
+torch or ``adapter_store``. Store errors carry ``status`` (4xx/5xx), ``reason`` and an actionable message;
+they become the OpenAI error envelope. Handlers are plain ``def``: registering hashes the adapter's
+weights, so FastAPI runs them on its thread pool rather than on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.api.auth import AdminDep
+from server.api.errors import ApiError
+
+router = APIRouter(tags=["admin"])
+
+
+class AdapterInfoView(Protocol):
+    """What the store reports per adapter."""
+
+    name: str
+    tier: str
+    pinned: int
+    digest: str
+    requests: int
+    snapshot: str
+    rank: int
+    path: str
+
+
+class AdapterAdmin(Protocol):
+    """The slice of ``adapter_store.AdapterStore`` the admin routes use (any thread)."""
+
+    def load(self, name: str, path: str) -> AdapterInfoView: ...
+
+    def unload(self, name: str) -> None: ...
+
+    def adapters(self) -> Sequence[AdapterInfoView]: ...
+
+    def build_snapshot(self, name: str) -> None: ...
+
+    def retire_snapshot(self, name: str) -> None: ...
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's body for ``POST /v1/load_lora_adapter`` (unknown vLLM fields are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """vLLM's body for ``POST /v1/unload_lora_adapter``."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(min_length=1, max_length=128)
+
+
+class AdapterEntry(BaseModel):
+    """One adapter in ``GET /v1/adapters``."""
+
+    object: str = "adapter"
+    id: str
+    tier: str
+    pinned: int
+    digest: str
+    requests: int
+    snapshot: str
+    rank: int
+    path: str
+
+    @classmethod
+    def of(cls, info: AdapterInfoView) -> AdapterEntry:
+        return cls(
+            id=info.name,
+            tier=info.tier,
+            pinned=info.pinned,
+            digest=info.digest,
+            requests=info.requests,
+            snapshot=info.snapshot,
+            rank=info.rank,
+            path=info.path,
+        )
+
+
+class AdapterList(BaseModel):
+    object: str = "list"
+    data: list[AdapterEntry]
+
+
+class AdminResult(BaseModel):
+    message: str
+    adapter: AdapterEntry | None = None
+
+
+def _store(request: Request) -> AdapterAdmin:
+    store: AdapterAdmin | None = request.app.state.store
+    if store is None:
+        raise ApiError(503, "this server runs without an adapter store", type="server_error", code="no_store")
+    return store
+
+
+def _api_error(exc: Exception, param: str | None) -> ApiError | None:
+    """A store error (anything with an int HTTP ``status``) as an ``ApiError``; None for other errors."""
+    status = getattr(exc, "status", None)
+    if not isinstance(status, int) or not 400 <= status < 600:
+        return None
+    kind = (
+        "server_error" if status >= 500 else "not_found_error" if status == 404 else "invalid_request_error"
+    )
+    return ApiError(status, str(exc), type=kind, param=param, code=getattr(exc, "reason", None))
+
+
+def _find(store: AdapterAdmin, name: str) -> AdapterInfoView | None:
+    return next((a for a in store.adapters() if a.name == name), None)
+
+
+@router.post("/v1/load_lora_adapter", summary="Register (or re-register) an adapter and start loading it")
+def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request, _admin: AdminDep) -> AdminResult:
+    store = _store(request)
+    try:
+        info = store.load(body.lora_name, body.lora_path)
+    except Exception as exc:  # store errors -> envelope; anything else is a bug and propagates
+        if (err := _api_error(exc, "lora_path")) is None:
+            raise
+        raise err from exc
+    return AdminResult(
+        message=f"Success: LoRA adapter '{info.name}' added successfully.", adapter=AdapterEntry.of(info)
+    )
+
+
+@router.post("/v1/unload_lora_adapter", summary="Unregister an adapter (its weights go once unpinned)")
+def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request, _admin: AdminDep) -> AdminResult:
+    store = _store(request)
+    try:
+        store.unload(body.lora_name)
+    except Exception as exc:
+        if (err := _api_error(exc, "lora_name")) is None:
+            raise
+        raise err from exc
+    return AdminResult(message=f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+@router.get("/v1/adapters", summary="Every registered adapter: tier, pins, digest, requests, snapshot")
+def list_adapters(request: Request, _admin: AdminDep) -> AdapterList:
+    return AdapterList(data=[AdapterEntry.of(a) for a in _store(request).adapters()])
+
+
+@router.post(
+    "/v1/adapters/{name}/snapshot", status_code=202, summary="Build a merged snapshot in the background"
+)
+def build_snapshot(name: str, request: Request, _admin: AdminDep) -> AdminResult:
+    store = _store(request)
+    try:
+        store.build_snapshot(name)
+    except Exception as exc:
+        if (err := _api_error(exc, "name")) is None:
+            raise
+        raise err from exc
+    info = _find(store, name)
+    return AdminResult(
+        message=f"snapshot of '{name}' is building",
+        adapter=AdapterEntry.of(info) if info is not None else None,
+    )
+
+
+@router.delete("/v1/adapters/{name}/snapshot", summary="Retire the adapter's snapshot (once unpinned)")
+def retire_snapshot(name: str, request: Request, _admin: AdminDep) -> AdminResult:
+    store = _store(request)
+    try:
+        store.retire_snapshot(name)
+    except Exception as exc:
+        if (err := _api_error(exc, "name")) is None:
+            raise
+        raise err from exc
+    return AdminResult(message=f"snapshot of '{name}' retired")
