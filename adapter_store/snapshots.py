@@ -52,6 +52,51 @@ def build_merged(base_loader: Callable[[], torch.nn.Module], source: AdapterSour
     return merged
 
 
+@dataclass(slots=True, frozen=True)
+class DriftReport:
+    """How far a merged snapshot's outputs are from the unmerged adapter's."""
+
+    max_abs_logit_diff: float  # over every position of every prompt (teacher-forced)
+    mean_abs_logit_diff: float
+    token_agreement: float  # share of positions where both pick the same greedy token
+    identical_sequences: int  # free-running greedy outputs equal to the reference's
+    prompts: int
+
+
+@torch.inference_mode()
+def measure_drift(
+    reference: torch.nn.Module,
+    adapter_name: str,
+    snapshot: torch.nn.Module,
+    prompts: list[list[int]],
+    new_tokens: int = 16,
+) -> DriftReport:
+    """Compare ``snapshot`` with ``reference`` (a PeftModel run with ``adapter_names=[adapter_name]``)."""
+    max_diff, diffs, agree, total, identical = 0.0, [], 0, 0, 0
+    for prompt in prompts:
+        seqs = []
+        for model, kwargs in ((reference, {"adapter_names": [adapter_name]}), (snapshot, {})):
+            ids = list(prompt)
+            for _ in range(new_tokens):
+                logits = model(input_ids=torch.tensor([ids], device=_device(model)), **kwargs).logits
+                ids.append(int(logits[0, -1].argmax()))
+            seqs.append(ids)
+        identical += seqs[0] == seqs[1]
+        ids_t = torch.tensor([seqs[0]], device=_device(reference))
+        ref = reference(input_ids=ids_t, adapter_names=[adapter_name]).logits[0].float()
+        got = snapshot(input_ids=ids_t.to(_device(snapshot))).logits[0].float().to(ref.device)
+        diff = (ref - got).abs()
+        max_diff = max(max_diff, float(diff.max()))
+        diffs.append(float(diff.mean()))
+        agree += int((ref.argmax(-1) == got.argmax(-1))[len(prompt) - 1 :].sum())
+        total += len(seqs[0]) - len(prompt) + 1
+    return DriftReport(max_diff, sum(diffs) / len(diffs), agree / total, identical, len(prompts))
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @dataclass(slots=True)
 class Snapshot:
     """One snapshot of one adapter version."""
@@ -82,8 +127,10 @@ class SnapshotManager:
         window: int = 200,
         min_requests: int = 20,
         idle_seconds: float = 300.0,
+        construct_lock: threading.Lock | None = None,
     ) -> None:
         self._base_loader = base_loader
+        self._construct_lock = construct_lock or threading.Lock()
         self.policy = policy
         self._max = max_snapshots
         self._share = share
@@ -131,7 +178,9 @@ class SnapshotManager:
                 return
 
     def dirty(self) -> bool:
-        return self._changed.is_set() or (self.policy == "auto" and self._requests_seen > 0)
+        if self._changed.is_set() or (self.policy == "auto" and self._requests_seen > 0):
+            return True
+        return bool(self._snaps) and time.monotonic() - self._last_idle_check > 1.0  # idle retirement
 
     def sync(self, current: Callable[[str], AdapterSource | None]) -> None:
         """Install finished builds, retire cold/stale/unpinned ones, apply the auto policy."""
@@ -199,7 +248,8 @@ class SnapshotManager:
         return True
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Cancel queued builds and wait for a running one (it holds the construction lock)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------------------------ internals
     def _build(self, source: AdapterSource, snap: Snapshot) -> torch.nn.Module:
@@ -207,7 +257,9 @@ class SnapshotManager:
             raise AdapterLoadError("snapshots are disabled", status=409)
         t0 = time.perf_counter()
         try:
-            with torch.inference_mode():
+            # transformers and PEFT patch torch process-wide while they build models (init functions,
+            # Module.register_parameter): no other model construction may run meanwhile.
+            with self._construct_lock, torch.inference_mode():
                 return build_merged(self._base_loader, source)
         finally:
             snap.build_seconds = time.perf_counter() - t0

@@ -114,6 +114,9 @@ class AdapterStore:
         snapshot_policy: str = "manual",
         max_snapshots: int = 1,
         snapshot_share: float = 0.5,
+        snapshot_window: int = 200,
+        snapshot_min_requests: int = 20,
+        snapshot_idle_s: float = 300.0,
         failure_backoff_s: float = FAILURE_BACKOFF_S,
     ) -> None:
         if max_gpu_adapters < 1 or max_cpu_adapters < 0:
@@ -135,12 +138,19 @@ class AdapterStore:
         self._lock = threading.RLock()
         self._dirty = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        # transformers/PEFT patch torch globally while constructing models: snapshot builds and
+        # promotions must not overlap (a promotion waits for the next sync instead of blocking)
+        self._construct_lock = threading.Lock()
         self.snapshots = SnapshotManager(
             base_loader,
             policy=snapshot_policy,
             max_snapshots=max_snapshots,
             share=snapshot_share,
             on_active=self._obs.on_snapshot_active,
+            window=snapshot_window,
+            min_requests=snapshot_min_requests,
+            idle_seconds=snapshot_idle_s,
+            construct_lock=self._construct_lock,
         )
 
     @property
@@ -198,7 +208,7 @@ class AdapterStore:
                     del self._wanted[key]
                 elif key in self._cpu:
                     if not self._promote(key):
-                        break  # every GPU slot is pinned: wait for a release
+                        break  # all GPU slots pinned, or a snapshot is building: retry later
                 elif key not in self._loading:
                     self._start_load(source)
             self._trim_cpu()
@@ -243,7 +253,8 @@ class AdapterStore:
                 raise AdapterRefusedError("not_found", f"adapter {name!r} has no snapshot", status=404)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the loader and snapshot threads (waits for a snapshot build in progress)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self.snapshots.close()
 
     # ------------------------------------------------------------------------------------- internals
@@ -299,21 +310,28 @@ class AdapterStore:
         self._failed[source.name] = _Failure(source.digest, error, time.monotonic() + self._backoff)
 
     def _promote(self, key: str) -> bool:
-        """CPU tier -> PeftModel, evicting the LRU unpinned GPU adapter if full. False if all are pinned."""
-        while len(self._gpu) >= self._max_gpu:
-            victim = next((e.key for e in self._gpu.values() if e.pins <= 0), None)
-            if victim is None:
-                return False
-            self._evict_gpu(victim)
-        loaded = self._cpu[key]
-        self._cpu.move_to_end(key)
-        del self._wanted[key]
-        t0 = time.perf_counter()
+        """CPU tier -> PeftModel, evicting the LRU unpinned GPU adapter if full. False if it must wait:
+        every GPU slot is pinned, or a snapshot build holds the construction lock."""
+        if not self._construct_lock.acquire(blocking=False):
+            self._dirty.set()  # retry at the next sync
+            return False
         try:
-            self._peft = inject(self._peft, self._base, loaded, key)
-        except AdapterLoadError as e:
-            self._fail(loaded.source, e)
-            return True
+            while len(self._gpu) >= self._max_gpu:
+                victim = next((e.key for e in self._gpu.values() if e.pins <= 0), None)
+                if victim is None:
+                    return False
+                self._evict_gpu(victim)
+            loaded = self._cpu[key]
+            self._cpu.move_to_end(key)
+            del self._wanted[key]
+            t0 = time.perf_counter()
+            try:
+                self._peft = inject(self._peft, self._base, loaded, key)
+            except AdapterLoadError as e:
+                self._fail(loaded.source, e)
+                return True
+        finally:
+            self._construct_lock.release()
         self._gpu[key] = _GpuEntry(loaded.source, key)
         self._obs.on_adapter_load("gpu", time.perf_counter() - t0)
         self._obs.on_adapter_resident(loaded.source.name, "gpu", True)
