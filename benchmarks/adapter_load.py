@@ -1,0 +1,192 @@
+"""Adapter store figures: disk -> GPU vs CPU -> GPU load time, snapshot build time, and NF4 merge drift.
+
+CPU (default): the embedded demo bundle (tiny NF4 Llama, three trained adapters).
+CUDA with ``--shape 8b``: a random-weight Llama-3-8B-shaped NF4 model and a rank-16 all-linear adapter
+(timing does not depend on weight values). Writes one JSON object to ``--out`` (and stdout).
+
+    python -m benchmarks.adapter_load [--shape demo|8b] [--repeats 5] [--out adapter_load.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
+
+from adapter_store import AdapterRegistry, AdapterStore, Lease
+from adapter_store.snapshots import build_merged, measure_drift
+
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def nf4_loader(folder: Path, device: str) -> Callable[[], PreTrainedModel]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+    def load() -> PreTrainedModel:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=quant, device_map=device, dtype=dtype
+        )
+        model.eval()
+        return model
+
+    return load
+
+
+def make_8b(root: Path) -> tuple[Path, Path, list[str]]:
+    """A Llama-3-8B-shaped base (random bf16 weights, saved once) and a rank-16 all-linear adapter."""
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+    )
+    base = root / "base-8b"
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(before)
+    model.save_pretrained(base)
+    peft = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, target_modules=list(LINEAR), init_lora_weights=False)
+    )
+    peft.save_pretrained(str(root / "adapters" / "r16"))
+    del model, peft
+    torch.cuda.empty_cache()
+    return base, root / "adapters", ["r16"]
+
+
+def demo() -> tuple[Path, Path, list[str]]:
+    from server.runtime.demo import ensure_demo  # benchmarks may use the server's demo bundle
+
+    bundle = ensure_demo(None, progress=False)
+    return bundle.base, bundle.adapters, list(bundle.adapter_names)
+
+
+def wait_lease(store: AdapterStore, name: str) -> Lease:
+    while (lease := store.acquire(name)) is None:
+        store.sync()
+        time.sleep(0.0005)
+    return lease
+
+
+def timed_load(store: AdapterStore, name: str, device: str) -> float:
+    """Seconds from the first acquire to a runnable lease (includes the loader thread's work)."""
+    t0 = time.perf_counter()
+    lease = wait_lease(store, name)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    store.release(lease)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=("demo", "8b"), default="demo")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("adapter_load.json"))
+    args = parser.parse_args(argv)
+    device = "cuda" if args.shape == "8b" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--shape 8b needs CUDA")
+    if device == "cpu":
+        torch.set_num_threads(1)  # tiny matmuls: more threads only contend
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base, adapter_dir, names = make_8b(Path(tmp)) if args.shape == "8b" else demo()
+        loader = nf4_loader(base, device)
+        model = loader()
+        modules = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Linear" in type(m).__name__}
+        registry = AdapterRegistry(
+            [adapter_dir],
+            adapter_dir=adapter_dir,
+            base_model_ids=[],
+            base_module_names=modules,
+            max_lora_rank=64,
+        )
+        registry.scan()
+        result: dict[str, Any] = {"shape": args.shape, "device": device, "torch": torch.__version__}
+        per_adapter: dict[str, Any] = {}
+        for name in names:
+            # disk -> GPU: no CPU tier at all; CPU -> GPU: the state dict is already in host memory
+            cold = AdapterStore(model, registry, max_gpu_adapters=1, max_cpu_adapters=0)
+            disk = [timed_load(cold, name, device) for _ in range(args.repeats) if not _evict(cold)]
+            cold.close()
+            warm = AdapterStore(_fresh(model, loader), registry, max_gpu_adapters=1, max_cpu_adapters=4)
+            timed_load(warm, name, device)
+            cpu = [timed_load(warm, name, device) for _ in range(args.repeats) if not _evict(warm)]
+            warm.close()
+            source = registry.get(name)
+            assert source is not None
+            t0 = time.perf_counter()
+            merged = build_merged(loader, source)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            build_s = time.perf_counter() - t0
+            ref_store = AdapterStore(_fresh(model, loader), registry, max_gpu_adapters=1, max_cpu_adapters=1)
+            lease = wait_lease(ref_store, name)
+            prompts = [[1, *range(10 + 7 * i, 30 + 7 * i)] for i in range(args.prompts)]
+            drift = measure_drift(ref_store.model, lease.peft_name, merged, prompts, new_tokens=16)
+            ref_store.close()
+            per_adapter[name] = {
+                "rank": source.rank,
+                "disk_to_gpu_ms": 1000 * statistics.median(disk),
+                "cpu_to_gpu_ms": 1000 * statistics.median(cpu),
+                "snapshot_build_s": build_s,
+                "drift": {
+                    "max_abs_logit_diff": drift.max_abs_logit_diff,
+                    "mean_abs_logit_diff": drift.mean_abs_logit_diff,
+                    "greedy_token_agreement": drift.token_agreement,
+                    "identical_greedy_sequences": f"{drift.identical_sequences}/{drift.prompts}",
+                },
+            }
+            del merged
+            model = _fresh(model, loader)
+        result["adapters"] = per_adapter
+    text = json.dumps(result, indent=2)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+def _evict(store: AdapterStore) -> bool:
+    """Make the next acquire of the measured adapter a real load: drop every GPU entry."""
+    with store._lock:  # benchmark-only reach into the store: evict without a competing adapter
+        for key in list(store._gpu):
+            store._evict_gpu(key)
+    return False
+
+
+def _fresh(model: torch.nn.Module, loader: Callable[[], PreTrainedModel]) -> PreTrainedModel:
+    """A base without PEFT layers (a store wraps its base in place)."""
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return loader()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
