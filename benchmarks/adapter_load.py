@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("adapter_load.json"))
+    parser.add_argument("--base", type=Path, help="a local base model folder instead of the demo bundle")
+    parser.add_argument("--adapter-dir", type=Path, help="its adapters (with --base)")
     args = parser.parse_args(argv)
     device = "cuda" if args.shape == "8b" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -116,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # tiny matmuls: more threads only contend
 
     with tempfile.TemporaryDirectory() as tmp:
-        base, adapter_dir, names = make_8b(Path(tmp)) if args.shape == "8b" else demo()
+        if args.base is not None and args.adapter_dir is not None:
+            base, adapter_dir = args.base, args.adapter_dir
+            names = sorted(p.name for p in adapter_dir.iterdir() if p.is_dir())
+        else:
+            base, adapter_dir, names = make_8b(Path(tmp)) if args.shape == "8b" else demo()
         loader = nf4_loader(base, device)
         model = loader()
         modules = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Linear" in type(m).__name__}
