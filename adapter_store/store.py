@@ -266,7 +266,8 @@ class AdapterStore:
         failure = self._failed.get(source.name)
         if failure is not None:
             if failure.digest == source.digest and time.monotonic() < failure.retry_at:
-                raise failure.error
+                e = failure.error  # a fresh instance per raise: tracebacks must not pile up
+                raise AdapterLoadError(e.message, status=e.status, reason=e.reason)
             del self._failed[source.name]
         if key not in self._wanted:
             self._wanted[key] = source
@@ -364,6 +365,7 @@ class AdapterStore:
         key = peft_name(source.name, source.digest)
         tier = "gpu" if key in self._gpu else "cpu" if key in self._cpu else "disk"
         pinned = sum(e.pins for e in self._gpu.values() if e.source.name == source.name)
+        pinned += self.snapshots.pins(source.name)
         snapshot = self.snapshots.state(source.name)
         snapshot = "none" if snapshot == "retiring" else snapshot
         return AdapterInfo(
