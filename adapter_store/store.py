@@ -46,6 +46,14 @@ class StoreObserver(Protocol):
     def on_snapshot_active(self, adapter: str, active: bool) -> None: ...
 
 
+class GpuTierListener(Protocol):
+    """Told (on the engine thread, inside ``sync``) when an adapter version enters or leaves the GPU tier,
+    e.g. ``server.runtime.slot_lora.SlotLoRA`` copying its weights into graph-friendly slot tensors."""
+
+    def on_gpu_enter(self, key: str, peft_model: torch.nn.Module) -> None: ...
+    def on_gpu_leave(self, key: str) -> None: ...
+
+
 class _NullObserver:
     def on_adapter_load(self, tier: str, seconds: float) -> None:
         pass
@@ -141,6 +149,7 @@ class AdapterStore:
         # transformers/PEFT patch torch globally while constructing models: snapshot builds and
         # promotions must not overlap (a promotion waits for the next sync instead of blocking)
         self._construct_lock = threading.Lock()
+        self._gpu_listener: GpuTierListener | None = None
         self.snapshots = SnapshotManager(
             base_loader,
             policy=snapshot_policy,
@@ -158,6 +167,17 @@ class AdapterStore:
         """The PeftModel while any adapter is on the GPU, else the base (whose LoRA layers, if any, hold no
         adapter and act as the plain base). Pass ``adapter_names`` only to the PeftModel."""
         return self._peft if self._peft is not None and self._gpu else self._base
+
+    @property
+    def max_gpu_adapters(self) -> int:
+        return self._max_gpu
+
+    def set_gpu_listener(self, listener: GpuTierListener | None) -> None:
+        """Follow the GPU tier from now on (engine thread); adapters already there are announced at once."""
+        self._gpu_listener = listener
+        if listener is not None and self._peft is not None:
+            for key in self._gpu:
+                listener.on_gpu_enter(key, self._peft)
 
     # --------------------------------------------------------------------------- engine thread only
     def acquire(self, name: str) -> Lease | None:
@@ -334,12 +354,16 @@ class AdapterStore:
         finally:
             self._construct_lock.release()
         self._gpu[key] = _GpuEntry(loaded.source, key)
+        if self._gpu_listener is not None:
+            self._gpu_listener.on_gpu_enter(key, self._peft)
         self._obs.on_adapter_load("gpu", time.perf_counter() - t0)
         self._obs.on_adapter_resident(loaded.source.name, "gpu", True)
         return True
 
     def _evict_gpu(self, key: str) -> None:
         entry = self._gpu.pop(key)
+        if self._gpu_listener is not None:
+            self._gpu_listener.on_gpu_leave(key)
         if self._peft is not None:
             remove(self._peft, key)
         self._obs.on_adapter_evict("gpu")
