@@ -247,7 +247,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity semantics: one object per request
 class Sequence:
     """The one state object that travels between scheduler, engine and runner.
 

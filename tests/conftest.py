@@ -1,0 +1,21 @@
+"""Fixtures shared by every test folder: the embedded demo bundle, built once per machine and cached
+(``~/.cache/loraserve``, or ``LORASERVE_TEST_CACHE``), since building it costs tens of seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def demo_cache_dir() -> Path | None:
+    value = os.environ.get("LORASERVE_TEST_CACHE")
+    return Path(value) if value else None
+
+
+@pytest.fixture(scope="session")
+def demo_bundle():  # type: ignore[no-untyped-def]
+    from server.runtime.demo import ensure_demo
+
+    return ensure_demo(demo_cache_dir(), progress=False)
