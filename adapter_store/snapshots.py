@@ -16,7 +16,10 @@ Snapshot outputs therefore differ slightly from the unmerged path. Measured with
 greedy tokens: max |logit diff| 0.04 (rank 2, down_proj) / 0.12 (rank 4, q,v) / 0.38 (rank 8, all linear),
 mean 0.006-0.025; teacher-forced greedy agreement 74-90% (random weights give near-flat logits, so ties
 flip easily: an upper bound on the damage, a trained model agrees more). The unmerged PEFT path stays the
-reference; a snapshot is an opt-in trade of exactness for speed.
+reference; a snapshot is an opt-in trade of exactness for speed. On the trained demo bundle (CPU, same
+script, 4 prompts x 16 tokens): max |logit diff| 5.2 / 9.2 / 6.9 (shout r16 / digits r8 / pirate r4; trained
+logits are large), mean 0.30-0.37, teacher-forced greedy agreement 97% / 99% / 93%, identical free-running
+greedy sequences 3/4, 3/4, 1/4.
 
 Model construction in transformers and PEFT patches torch process-wide (init functions,
 ``Module.register_parameter``), so a build holds the store's construction lock: adapter promotions wait
