@@ -25,7 +25,12 @@ from server.engine.engine import AsyncEngine
 
 log = logging.getLogger("loraserve")
 
-_RECORD_FIELDS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+# Attributes every LogRecord has, and uvicorn's ANSI-coloured copy of its message: not ``extra`` fields.
+_RECORD_FIELDS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,10 +54,10 @@ class KeyValueFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extras = {k: v for k, v in record.__dict__.items() if k not in _RECORD_FIELDS}
-        if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
-        return line
+        message = record.getMessage()
+        pairs = [f"{k}={v}" for k, v in record.__dict__.items() if k not in _RECORD_FIELDS]
+        pairs = [p for p in pairs if p not in message]  # a message may already spell its fields out
+        return " ".join([line, *pairs])
 
 
 def configure_logging(settings: Settings) -> None:
@@ -64,6 +69,7 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+    logging.captureWarnings(True)  # library warnings become log lines (JSON with --log-json)
 
 
 # ---------------------------------------------------------------------------------------- arguments
@@ -119,8 +125,15 @@ def serve(settings: Settings) -> int:
     engine.start()
     log.info("ready in %.1f s: http://%s:%d", time.monotonic() - started, settings.host, settings.port)
 
+    # log_config=None: uvicorn's own loggers (startup, access lines) go through our handler and formatter,
+    # so --log-json gives JSON lines for them too.
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on"
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        lifespan="on",
     )
     server = DrainingServer(config, engine=engine, shutdown_timeout=settings.shutdown_timeout)
     try:
@@ -152,7 +165,9 @@ class DrainingServer(uvicorn.Server):
     async def _drain_then_exit(self, sig: int, frame: FrameType | None) -> None:
         await self._engine.drain(self._shutdown_timeout)
         await asyncio.sleep(0.1)  # let the last events reach their streams
-        super().handle_exit(sig, frame)
+        # not super().handle_exit: uvicorn would re-raise the captured signal at exit (status -15);
+        # a drained shutdown is a clean one
+        self.should_exit = True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ Kubernetes inference gateway working; ``loraserve_*`` are our own. Per-adapter l
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter as TallyCounter
 
@@ -152,7 +153,13 @@ class Metrics:
         self.adapter_evictions_total.labels(tier=tier).inc()
 
     def on_adapter_resident(self, adapter: str, tier: str, resident: bool) -> None:
-        self.adapter_resident.labels(adapter=self.adapter_label(adapter), tier=tier).set(1 if resident else 0)
+        # not folded into "other": a series exists only while the adapter sits in the GPU or CPU tier, so
+        # the count is bounded by --max-gpu-adapters + --max-cpu-adapters
+        if resident:
+            self.adapter_resident.labels(adapter=adapter, tier=tier).set(1)
+        else:
+            with contextlib.suppress(KeyError):
+                self.adapter_resident.remove(adapter, tier)
 
     def on_snapshot_active(self, adapter: str, active: bool) -> None:
         self.snapshot_active.labels(adapter=self.adapter_label(adapter)).set(1 if active else 0)

@@ -8,10 +8,21 @@ from pathlib import Path
 
 import pytest
 
+# One intra-op thread per process: the test process, the servers it starts (they inherit the variable) and
+# the other workers share two cores, and spinning OpenMP threads made tiny matmuls hundreds of times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def demo_cache_dir() -> Path | None:
     value = os.environ.get("LORASERVE_TEST_CACHE")
     return Path(value) if value else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
