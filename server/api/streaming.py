@@ -91,7 +91,8 @@ class Generation:
         }
         if self.error is not None:
             fields["error"] = self.error.code
-        log.info("request finished %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
+        # The fields travel as ``extra``: the cli's formatters print them as key=value or JSON.
+        log.info("request finished", extra=fields)
 
 
 # ------------------------------------------------------------------------------------------ rendering
