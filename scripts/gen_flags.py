@@ -1,10 +1,12 @@
-"""Render the README's flag table from the CLI (``loraserve serve``'s parser and ``Settings``).
+"""Render the README's generated tables: every ``loraserve serve`` flag (from the CLI parser and
+``Settings``) and every metric (from ``server.metrics.Metrics``).
 
-    python scripts/gen_flags.py            # print the table
-    python scripts/gen_flags.py --write    # replace the table between the markers in README.md
-    python scripts/gen_flags.py --check    # exit 1 when README.md's table is stale
+    python scripts/gen_flags.py            # print both tables
+    python scripts/gen_flags.py --write    # replace them between their markers in README.md
+    python scripts/gen_flags.py --check    # exit 1 when README.md is stale
 
-The table sits between ``<!-- flags:begin -->`` and ``<!-- flags:end -->`` in README.md.
+The tables sit between ``<!-- flags:begin -->`` / ``<!-- flags:end -->`` and ``<!-- metrics:begin -->`` /
+``<!-- metrics:end -->`` in README.md.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-BEGIN, END = "<!-- flags:begin -->", "<!-- flags:end -->"
+FLAGS, METRICS = "flags", "metrics"
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -59,13 +61,39 @@ def render_table() -> str:
     return "\n".join(rows)
 
 
-def splice(readme: str, table: str) -> str:
-    """``readme`` with the text between the markers replaced by ``table``."""
-    head, sep, rest = readme.partition(BEGIN)
-    _, sep2, tail = rest.partition(END)
+def render_metrics() -> str:
+    """One row per metric as Prometheus exposes it: name, type, labels, help text."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from server.metrics import Metrics
+
+    rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for metric in vars(Metrics(CollectorRegistry())).values():
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        kind = metric._type  # prometheus_client keeps name, type and labels only as these attributes
+        name = f"`{metric._name}`"
+        if kind == "counter":
+            name = f"`{metric._name}_total`"
+        labels = ", ".join(f"`{label}`" for label in metric._labelnames)
+        rows.append(f"| {name} | {kind} | {labels} | {metric._documentation} |")
+    return "\n".join(rows)
+
+
+def splice(readme: str, section: str, table: str) -> str:
+    """``readme`` with the text between ``section``'s markers replaced by ``table``."""
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    head, sep, rest = readme.partition(begin)
+    _, sep2, tail = rest.partition(end)
     if not sep or not sep2:
-        raise SystemExit(f"README.md lacks the markers {BEGIN} ... {END}")
-    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
+        raise SystemExit(f"README.md lacks the markers {begin} ... {end}")
+    return f"{head}{begin}\n{table}\n{end}{tail}"
+
+
+def render_readme(readme: str) -> str:
+    """``readme`` with both generated tables brought up to date."""
+    return splice(splice(readme, FLAGS, render_table()), METRICS, render_metrics())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,15 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--write", action="store_true", help="update README.md in place")
     mode.add_argument("--check", action="store_true", help="exit 1 when README.md is stale")
     args = parser.parse_args(argv)
-    table = render_table()
     if not (args.write or args.check):
-        print(table)
+        print(render_table(), render_metrics(), sep="\n\n")
         return 0
     current = README.read_text()
-    wanted = splice(current, table)
+    wanted = render_readme(current)
     if args.check:
         if current != wanted:
-            print("README.md flag table is stale: run python scripts/gen_flags.py --write", file=sys.stderr)
+            print("README.md tables are stale: run python scripts/gen_flags.py --write", file=sys.stderr)
             return 1
         return 0
     README.write_text(wanted)
