@@ -16,6 +16,7 @@ from server.bootstrap import build_engine
 from server.config import Settings
 from server.engine.engine import AsyncEngine
 from server.engine.types import (
+    ChatMessage,
     FinishReason,
     GenerationRequest,
     InvalidSamplingParamsError,
@@ -26,10 +27,10 @@ from server.engine.types import (
 from server.runtime.loader import ModelSpec, load_model
 
 PROMPTS = [
-    "Tell me about the cat.",
-    "What does the dog eat?",
+    "The cat",
+    "The dog says",
     "Hello",
-    "Where does the owl live? Tell me everything you know about it, please.",
+    "The owl lives in the barn. The cow lives in the field. The pig is pink and the dog",
 ]
 
 
@@ -120,10 +121,17 @@ def test_greedy_matches_generate_for_base_and_each_adapter(engine, reference, de
             assert got.token_ids == want, f"adapter={adapter} prompt={prompt!r}"
 
 
-def test_adapters_change_output(engine, demo_bundle) -> None:  # type: ignore[no-untyped-def]
+def test_adapters_change_chat_output(engine, demo_bundle) -> None:  # type: ignore[no-untyped-def]
     names = [None, *demo_bundle.adapter_names]
-    results = run_all(engine, [request(PROMPTS[0], a) for a in names])
-    texts = [r.text for r in results]
+    question = [ChatMessage(role="user", content="Tell me about the cat.")]
+    reqs = [
+        GenerationRequest(
+            uuid.uuid4().hex, SamplingParams(max_tokens=24, temperature=0.0), messages=question, adapter=a
+        )
+        for a in names
+    ]
+    texts = [r.text for r in run_all(engine, reqs)]
+    assert all(texts), texts
     assert len(set(texts)) == len(texts), texts
 
 
