@@ -26,10 +26,18 @@ from server.api.schemas import (
     ModelList,
     parse_request,
 )
-from server.api.streaming import ChatFormat, CompletionFormat, Generation, ResponseFormat, collect, sse_events
+from server.api.streaming import (
+    ChatFormat,
+    CompletionFormat,
+    Generation,
+    ResponseFormat,
+    await_first_event,
+    collect,
+    sse_events,
+)
 from server.config import Settings
 from server.engine.engine import AsyncEngine
-from server.engine.types import GenerationRequest, InvalidRequestError
+from server.engine.types import EngineError, FinishReason, GenerationRequest, InvalidRequestError
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -123,6 +131,14 @@ async def _generate(
     )
     headers = {"X-Request-Id": g.request_id}
     if body.stream:
+        # headers go out with the first event, so a failure before any token is a real HTTP status
+        if not await await_first_event(request, engine, token_stream, g):
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        first = await token_stream.peek()
+        if first.finish_reason is FinishReason.ERROR and not first.token_ids:
+            g.absorb(first)
+            g.log_finished()
+            raise first.error or EngineError("generation failed")
         settings: Settings = request.app.state.settings
         return EventSourceResponse(
             sse_events(engine, token_stream, g, fmt, include_usage=body.include_usage),

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -222,7 +222,29 @@ async def collect(request: Request, engine: AsyncEngine, stream: RequestStream, 
         async for event in stream:
             g.absorb(event)
 
-    consumer = asyncio.ensure_future(consume())
+    return await _unless_disconnected(request, engine, stream, g, consume())
+
+
+async def await_first_event(
+    request: Request, engine: AsyncEngine, stream: RequestStream, g: Generation
+) -> bool:
+    """Wait until the stream's first event is there (without consuming it). Returns False, after aborting
+    the request, if the client disconnected first."""
+
+    async def first() -> None:
+        await stream.peek()
+
+    return await _unless_disconnected(request, engine, stream, g, first())
+
+
+async def _unless_disconnected(
+    request: Request,
+    engine: AsyncEngine,
+    stream: RequestStream,
+    g: Generation,
+    work: Coroutine[None, None, None],
+) -> bool:
+    consumer = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -240,4 +262,3 @@ async def collect(request: Request, engine: AsyncEngine, stream: RequestStream, 
     finally:
         for task in (consumer, watcher):
             task.cancel()
-        g.log_finished()

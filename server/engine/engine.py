@@ -62,15 +62,26 @@ class RequestStream:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self._queue = queue
+        self._peeked: TokenEvent | None = None
         self._done = False
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
         return self
 
+    async def peek(self) -> TokenEvent:
+        """The next event, left in place: iteration still returns it. Lets the API answer a failure that
+        comes before any token (a cold adapter that cannot load) with a real HTTP status."""
+        if self._peeked is None:
+            self._peeked = await self._queue.get()
+        return self._peeked
+
     async def __anext__(self) -> TokenEvent:
         if self._done:
             raise StopAsyncIteration
-        event = await self._queue.get()
+        if self._peeked is not None:
+            event, self._peeked = self._peeked, None
+        else:
+            event = await self._queue.get()
         if event.finished:
             self._done = True
         return event
@@ -391,8 +402,9 @@ class AsyncEngine:
         self, seq: Sequence, track: _Track, reason: FinishReason, error: EngineError | None
     ) -> None:
         latency = time.monotonic() - seq.arrival_time
-        log.info(
-            "request finished",
+        # the API logs each request once at info level (with tenant and disconnects); this is the engine's view
+        log.debug(
+            "sequence finished",
             extra={
                 "request_id": seq.request_id,
                 "tenant": seq.tenant,

@@ -160,3 +160,25 @@ def test_snapshot_build_serve_retire(server: ServerProcess, dirs: tuple[Path, Pa
         assert adapters(http)[hot]["snapshot"] == "none"
         assert complete(http, hot).status_code == 200
         assert_error(http.delete(f"/v1/adapters/{hot}/snapshot"), 404)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_adapter_that_fails_to_load_is_a_4xx_even_when_streaming(
+    server: ServerProcess, dirs: tuple[Path, Path, list[str]], stream: bool
+) -> None:
+    adapter_dir, _, names = dirs
+    fragile = adapter_dir / f"fragile-{int(stream)}"
+    shutil.copytree(adapter_dir / names[0], fragile)
+    # the config passes registration (rank 1), the weights hold wider tensors: the background load fails
+    config = json.loads((fragile / "adapter_config.json").read_text())
+    (fragile / "adapter_config.json").write_text(json.dumps({**config, "r": 1, "lora_alpha": 1}))
+    with server.http() as http:
+        loaded = http.post(
+            "/v1/load_lora_adapter", json={"lora_name": fragile.name, "lora_path": str(fragile)}
+        )
+        assert loaded.status_code == 200, loaded.text
+        body = {"model": fragile.name, "prompt": "hello", "max_tokens": 3, "stream": stream}
+        response = http.post("/v1/completions", json=body)
+        assert 400 <= response.status_code < 500, response.text
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        assert complete(http, names[1]).status_code == 200  # everyone else keeps serving
