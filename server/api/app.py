@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import time
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from server.api import openai_routes
+from server.api import admin_routes, openai_routes
 from server.api.auth import load_api_keys
 from server.api.errors import ApiError, BodyLimitMiddleware, install_error_handlers
 from server.config import Settings
@@ -19,8 +17,6 @@ from server.engine.engine import AsyncEngine
 from server.metrics import Metrics
 
 log = logging.getLogger("loraserve.api")
-
-_ADMIN_ROUTES = "server.api.admin_routes"
 
 probes = APIRouter(tags=["operations"])
 
@@ -76,6 +72,5 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
     app.include_router(openai_routes.router)
     app.include_router(probes)
-    if importlib.util.find_spec(_ADMIN_ROUTES) is not None:
-        app.include_router(importlib.import_module(_ADMIN_ROUTES).router)
+    app.include_router(admin_routes.router)
     return app
