@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import random
 import re
@@ -29,6 +30,8 @@ from tqdm import tqdm
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
+
+log = logging.getLogger("loraserve.demo")
 
 DEMO_MODEL_ID = "loraserve-demo"
 BUNDLE_VERSION = 1  # bump whenever the corpus, model, training or adapters change
@@ -237,9 +240,19 @@ def ensure_demo(cache_dir: Path | None = None, *, progress: bool = True) -> Demo
     if bundle.is_complete:
         return bundle
     with open(cache_dir / f"demo-{BUNDLE_VERSION}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the bundle complete
         try:
-            return bundle if bundle.is_complete else build_demo(bundle.root, progress=progress)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building the demo bundle in %s; waiting for it", cache_dir)
+            fcntl.flock(lock, fcntl.LOCK_EX)  # then it finds the bundle complete
+        try:
+            if bundle.is_complete:
+                return bundle
+            # we hold the lock: temporary folders left here were abandoned by killed builds
+            for stale in cache_dir.glob(f".demo-{BUNDLE_VERSION}.*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            log.info("building the demo bundle into %s (once; under a minute on two cores)", bundle.root)
+            return build_demo(bundle.root, progress=progress)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
