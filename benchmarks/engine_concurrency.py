@@ -44,7 +44,7 @@ async def run_one(engine: AsyncEngine, request: GenerationRequest) -> int:
     return tokens
 
 
-async def measure(engine: AsyncEngine, n: int, max_tokens: int) -> dict[str, float]:
+async def measure(engine: AsyncEngine, n: int, max_tokens: int) -> dict[str, object]:
     await run_one(engine, make_requests(engine, 1, 4)[0])  # warm-up: loads adapters, first kernels
     for adapter_request in make_requests(engine, len(engine.adapter_names()) + 1, 2):
         await run_one(engine, adapter_request)
