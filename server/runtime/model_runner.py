@@ -7,8 +7,9 @@ Shapes are bucketed so a decode step can be captured as a CUDA graph: a decode b
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +23,10 @@ from server.engine.types import (
     StepOutput,
     UnknownModelError,
 )
+from server.runtime.cuda_graphs import DecodeGraphs, DecodeRow
 from server.runtime.kv_cache import SlotKVCache, StepPlacement
 from server.runtime.sampler import Sampler
+from server.runtime.slot_lora import SlotLoRA
 from server.runtime.tokenizer import HFTokenizer
 
 log = logging.getLogger("loraserve.runtime")
@@ -60,6 +63,9 @@ class ModelRunner:
         num_slots: int,
         max_model_len: int,
         store: object | None = None,
+        cuda_graphs: bool = True,
+        slot_lora: bool | None = None,
+        max_lora_rank: int = 64,
     ) -> None:
         config = model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -90,6 +96,7 @@ class ModelRunner:
             device=self.device,
         )
         self.sampler = Sampler(self._vocab_size, num_slots, self.device)
+        self._init_fast_path(cuda_graphs, slot_lora, max_lora_rank)
         log.info(
             "KV memory: %d slots x %d tokens = %.1f MiB on %s",
             num_slots,
@@ -204,6 +211,8 @@ class ModelRunner:
         """Batch -> StepOutput for running sequences: row i is slot i for i in [0, rows); rows of free slots
         (and rows that run on a snapshot) write only to the scratch column."""
         rows = bucket(max(seq.slot for seq in seqs) + 1, self._num_slots)
+        if self.graphs is not None and self._graphable(seqs):
+            return self._decode_graph(self.graphs, seqs, rows)
         scratch = self._max_model_len
         by_slot: dict[int, Sequence] = {seq.slot: seq for seq in seqs}
         input_ids = torch.zeros(rows, 1, dtype=torch.long)  # [R, 1]
@@ -277,18 +286,97 @@ class ModelRunner:
     ) -> torch.Tensor:
         """One forward over ``input_ids`` [B, S]; returns the last column's logits [B, V] in float32."""
         kwargs: dict[str, object] = {}
-        if _is_peft(model):
-            kwargs["adapter_names"] = adapter_names
-        out = model(
-            input_ids=input_ids.to(self.device),
-            position_ids=rope_pos.to(self.device),
-            attention_mask=mask.to(self.device),
-            past_key_values=self.kv,
-            use_cache=True,
-            logits_to_keep=1,
-            **kwargs,
-        )
+        with self._adapter_routing(model, adapter_names) as peft_routed:
+            if peft_routed:
+                kwargs["adapter_names"] = adapter_names
+            out = model(
+                input_ids=input_ids.to(self.device),
+                position_ids=rope_pos.to(self.device),
+                attention_mask=mask.to(self.device),
+                past_key_values=self.kv,
+                use_cache=True,
+                logits_to_keep=1,
+                **kwargs,
+            )
         return out.logits[:, -1, :].float()
+
+    # ------------------------------------------------------------------------------------ GPU fast path
+    # Slot LoRA (server/runtime/slot_lora.py) routes rows to adapters through a device tensor instead of
+    # PEFT's adapter_names; decode graphs (server/runtime/cuda_graphs.py) replay whole decode steps. Both are
+    # on by default on CUDA; on the CPU PEFT's mixed-batch forward stays the path (and the reference).
+
+    def _init_fast_path(self, cuda_graphs: bool, slot_lora: bool | None, max_lora_rank: int) -> None:
+        use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.slot_lora: SlotLoRA | None = None
+        if (use_graphs if slot_lora is None else slot_lora) and self.store is not None:
+            self.slot_lora = SlotLoRA(
+                num_slots=self.store.max_gpu_adapters,  # type: ignore[attr-defined]
+                r_max=max_lora_rank,
+                dtype=self.dtype,
+                device=self.device,
+            )
+            self.slot_lora.enabled = True
+            self.store.set_gpu_listener(self.slot_lora)  # type: ignore[attr-defined]
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs and (self.store is None or self.slot_lora is not None):
+            self.graphs = DecodeGraphs(
+                model=lambda: self._shared_model,
+                kv=self.kv,
+                sampler=self.sampler,
+                slot_lora=self.slot_lora,
+                num_slots=self._num_slots,
+                device=self.device,
+            )
+
+    def _graphable(self, seqs: list[Sequence]) -> bool:
+        """A decode step runs as a graph unless a row runs on a snapshot or on an adapter without a slot."""
+        for seq in seqs:
+            if getattr(seq.lease, "snapshot", None) is not None:
+                return False
+            name = self._peft_name(seq)
+            if name != BASE_ADAPTER and (self.slot_lora is None or not self.slot_lora.supports(name)):
+                return False
+        return True
+
+    def _decode_graph(self, graphs: DecodeGraphs, seqs: list[Sequence], rows: int) -> StepOutput:
+        """Batch -> StepOutput through a captured decode graph (same rows and buckets as ``_decode``)."""
+        slot_lora = self.slot_lora
+        decode_rows = [
+            DecodeRow(
+                slot=seq.slot,
+                token=seq.token_ids[-1],
+                position=seq.num_tokens - 1,
+                lora_slot=0 if slot_lora is None else slot_lora.slot_of(_adapter_key(self._peft_name(seq))),
+            )
+            for seq in seqs
+        ]
+        kv_len = bucket(max(seq.num_tokens for seq in seqs), self._max_model_len, MIN_KV_BUCKET)
+        tokens = graphs.run(rows, kv_len, decode_rows, self.sampler.features())
+        return StepOutput(token_ids=[tokens[seq.slot] for seq in seqs])
+
+    @contextlib.contextmanager
+    def _adapter_routing(self, model: torch.nn.Module, adapter_names: list[str]) -> Iterator[bool]:
+        """Route an eager forward's rows to their adapters: through slot LoRA when every row has a slot
+        (yields False), else through PEFT's ``adapter_names`` (yields True when the model is a PeftModel)."""
+        slot_lora = self.slot_lora
+        if slot_lora is None or model is not self._shared_model:
+            yield _is_peft(model)
+            return
+        keys = [_adapter_key(name) for name in adapter_names]
+        if all(key is None or slot_lora.supports(key) for key in keys):
+            row_slots = torch.tensor([slot_lora.slot_of(key) for key in keys], device=self.device)
+            with slot_lora.routing(row_slots):
+                yield False
+            return
+        slot_lora.enabled = False  # an adapter without a slot: this forward runs on PEFT's own LoRA layers
+        try:
+            yield _is_peft(model)
+        finally:
+            slot_lora.enabled = True
+
+
+def _adapter_key(peft_name: str) -> str | None:
+    return None if peft_name == BASE_ADAPTER else peft_name
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
