@@ -90,6 +90,8 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
         num_slots=settings.max_num_seqs,
         max_model_len=settings.max_model_len,
         store=store,
+        cuda_graphs=settings.cuda_graphs,
+        max_lora_rank=settings.max_lora_rank,
     )
     engine = AsyncEngine(
         runner,

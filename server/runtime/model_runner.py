@@ -65,7 +65,7 @@ class ModelRunner:
         store: object | None = None,
         cuda_graphs: bool = True,
         slot_lora: bool | None = None,
-        max_lora_rank: int = 64,
+        max_lora_rank: int = 16,
     ) -> None:
         config = model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
