@@ -291,7 +291,10 @@ def benchmark(args: argparse.Namespace) -> Report:
         allow_hub=False,
     )
     registry.scan()
-    store = AdapterStore(model, registry, max_gpu_adapters=max_adapters, max_cpu_adapters=max_adapters)
+    # --gpu-slots below the adapter count: only that many sit in the model at once; the rest load (disk ->
+    # CPU -> GPU) and evict while the streams run, and the scheduler admits at most that many per step
+    gpu_slots = args.gpu_slots or max_adapters
+    store = AdapterStore(model, registry, max_gpu_adapters=gpu_slots, max_cpu_adapters=max_adapters)
     max_streams = max(args.streams)
     runner = ModelRunner(
         model=model,
@@ -324,7 +327,7 @@ def benchmark(args: argparse.Namespace) -> Report:
     engine = AsyncEngine(
         runner,
         EngineConfig(
-            max_num_batched_tokens=max(4096, args.prompt_tokens * 16), max_loras_per_batch=max_adapters
+            max_num_batched_tokens=max(4096, args.prompt_tokens * 16), max_loras_per_batch=gpu_slots
         ),
     )
     engine.start()
@@ -336,7 +339,8 @@ def benchmark(args: argparse.Namespace) -> Report:
                     continue
                 prompts = torch.randint(0, vocab, (streams, args.prompt_tokens), generator=gen).tolist()
                 adapters = names[:n_adapters]
-                run_engine(engine, prompts, adapters, 4)  # warm-up: loads adapters, captures graphs
+                if not args.cold:
+                    run_engine(engine, prompts, adapters, 4)  # warm-up: loads adapters, captures graphs
                 tokens, seconds, ttfts = run_engine(engine, prompts, adapters, args.new_tokens)
                 complete = tokens == streams * args.new_tokens
                 result = EngineResult(
@@ -350,9 +354,8 @@ def benchmark(args: argparse.Namespace) -> Report:
                 log.info("engine %s", result)
         slot_lora = runner.slot_lora
         if runner.graphs is not None and slot_lora is not None:
-            keys = [
-                k for k in (_key(store, n) for n in names[: min(8, max_adapters)]) if slot_lora.supports(k)
-            ]
+            # up to 8 adapters that hold a slot now (with --gpu-slots the resident ones are the last used)
+            keys = [k for k in (_key(store, n) for n in names) if slot_lora.supports(k)][:8]
             lora_slots = [slot_lora.slot_of(keys[i % len(keys)]) for i in range(step_rows)]
             report.step_ms[f"lora_graph_step_rows{step_rows}_adapters{len(keys)}"] = graph_step_ms(
                 runner, step_rows, lora_slots, args.step_repeats
@@ -365,7 +368,10 @@ def benchmark(args: argparse.Namespace) -> Report:
         runner.slot_lora.enabled = False
     peft = store.model
     for n_adapters in args.adapters:
-        keys = [_key(store, n) for n in names[:n_adapters]]
+        # with --gpu-slots, only the resident adapters can be set; one request at a time runs the same
+        # whichever adapter it names
+        resident = getattr(peft, "peft_config", {})
+        keys = [k for k in (_key(store, n) for n in names[:n_adapters]) if k in resident]
         tps = run_naive(peft, keys, args.prompt_tokens, args.naive_tokens, args.naive_requests, vocab)
         report.naive[f"adapters{n_adapters}"] = tps
         log.info("naive over %d adapters: %.1f tok/s", n_adapters, tps)
@@ -423,6 +429,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--step-repeats", type=int, default=30)
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false")
+    p.add_argument("--gpu-slots", type=int, default=0, help="adapters resident at once (default: all)")
+    p.add_argument("--cold", action="store_true", help="no warm-up: adapter loads and graph captures count")
     p.add_argument("--out", type=Path, default=Path("engine_vs_naive.json"))
     return p.parse_args(argv)
 

@@ -87,6 +87,7 @@ class DecodeGraphs:
         self._pool: Any = None  # torch.cuda graph memory pool handle, shared by every graph
         self._captured_for: tuple[int, int] = (-1, -1)  # (id(model), slot_lora.generation)
         self.capture_seconds = 0.0
+        self.failed = False  # a capture failed: the runner stops using graphs
 
     @property
     def num_graphs(self) -> int:
@@ -101,7 +102,15 @@ class DecodeGraphs:
         key = GraphKey(rows, kv_len, features)
         captured = self._graphs.get(key)
         if captured is None:
-            captured = self._graphs[key] = self._capture(key)
+            try:
+                captured = self._graphs[key] = self._capture(key)
+            except Exception:
+                # a failed capture can leave its memory pool half-recorded: never capture again, run eager
+                log.exception("capturing decode graph %s failed; decode runs eagerly from now on", key)
+                self.failed = True
+                self._graphs.clear()
+                self._pool = None
+                raise
         table = [[0] * rows, [0] * rows, [0] * rows, [self._num_slots] * rows, [self._base_lora_slot] * rows]
         for row in decode_rows:
             table[_TOKEN][row.slot] = row.token
@@ -174,7 +183,10 @@ class DecodeGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the adapter loader thread pins host memory (cudaHostAlloc) while we capture; in the
+        # default global mode that call invalidates this capture and fails the loader too (seen on an H100
+        # with 32 adapters loading cold)
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             tokens = self._step(key)
         elapsed = time.perf_counter() - t0
         self.capture_seconds += elapsed

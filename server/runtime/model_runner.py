@@ -211,7 +211,7 @@ class ModelRunner:
         """Batch -> StepOutput for running sequences: row i is slot i for i in [0, rows); rows of free slots
         (and rows that run on a snapshot) write only to the scratch column."""
         rows = bucket(max(seq.slot for seq in seqs) + 1, self._num_slots)
-        if self.graphs is not None and self._graphable(seqs):
+        if self.graphs is not None and not self.graphs.failed and self._graphable(seqs):
             return self._decode_graph(self.graphs, seqs, rows)
         scratch = self._max_model_len
         by_slot: dict[int, Sequence] = {seq.slot: seq for seq in seqs}

@@ -23,7 +23,7 @@ from server.runtime.model_runner import ModelRunner  # noqa: E402
 DEVICE = torch.device("cuda")
 
 
-def _engine(folder: Path, *, cuda_graphs: bool) -> tuple[AsyncEngine, AdapterStore]:
+def _engine(folder: Path, *, cuda_graphs: bool, gpu_adapters: int = 4) -> tuple[AsyncEngine, AdapterStore]:
     torch.manual_seed(0)  # the same random base for every engine
     model = build_model("demo", DEVICE)
     registry = AdapterRegistry(
@@ -36,7 +36,7 @@ def _engine(folder: Path, *, cuda_graphs: bool) -> tuple[AsyncEngine, AdapterSto
         allow_hub=False,
     )
     registry.scan()
-    store = AdapterStore(model, registry, max_gpu_adapters=4, max_cpu_adapters=4)
+    store = AdapterStore(model, registry, max_gpu_adapters=gpu_adapters, max_cpu_adapters=4)
     runner = ModelRunner(
         model=model,
         tokenizer=IdTokenizer(model.config.vocab_size),  # type: ignore[arg-type]
@@ -48,7 +48,8 @@ def _engine(folder: Path, *, cuda_graphs: bool) -> tuple[AsyncEngine, AdapterSto
         slot_lora=True,
         max_lora_rank=16,
     )
-    return AsyncEngine(runner, EngineConfig(max_loras_per_batch=4)), store  # type: ignore[arg-type]
+    engine = AsyncEngine(runner, EngineConfig(max_loras_per_batch=gpu_adapters))  # type: ignore[arg-type]
+    return engine, store
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +140,24 @@ def test_slot_lora_equals_peft_on_cuda() -> None:
         plain = peft(input_ids=ids).logits.float()
     slots.enabled = True
     torch.testing.assert_close(got[base_rows], plain[base_rows], atol=0, rtol=0)
+
+
+def test_cold_loads_during_graph_capture_fail_nothing() -> None:
+    """More adapters than GPU slots, all cold, with graphs on: the loader thread pins host memory while the
+    engine thread captures decode graphs. Every request must complete (no invalidated capture)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        names = write_adapters(build_model("demo", DEVICE), Path(tmp), 8, 16)
+        engine, store = _engine(Path(tmp), cuda_graphs=True, gpu_adapters=2)  # loads and evictions mid-run
+        engine.start()
+        try:
+            gen = torch.Generator().manual_seed(5)
+            reqs = [
+                (torch.randint(0, 512, (6,), generator=gen).tolist(), names[i % 8], 12) for i in range(16)
+            ]
+            outs = _run(engine, reqs)
+        finally:
+            engine.stop()
+            store.close()
+        assert [len(o) for o in outs] == [12] * 16
+        assert not engine.runner.graphs.failed  # type: ignore[attr-defined]
