@@ -8,7 +8,8 @@ weights, so FastAPI runs them on its thread pool rather than on the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol
 
 from fastapi import APIRouter, Request
@@ -106,15 +107,24 @@ def _store(request: Request) -> AdapterAdmin:
     return store
 
 
-def _api_error(exc: Exception, param: str | None) -> ApiError | None:
-    """A store error (anything with an int HTTP ``status``) as an ``ApiError``; None for other errors."""
-    status = getattr(exc, "status", None)
-    if not isinstance(status, int) or not 400 <= status < 600:
-        return None
-    kind = (
-        "server_error" if status >= 500 else "not_found_error" if status == 404 else "invalid_request_error"
-    )
-    return ApiError(status, str(exc), type=kind, param=param, code=getattr(exc, "reason", None))
+@contextmanager
+def _store_errors(param: str | None) -> Iterator[None]:
+    """A store error (anything with an int HTTP ``status``) becomes an ``ApiError`` naming ``param``; any
+    other exception is a bug and propagates."""
+    try:
+        yield
+    except Exception as exc:
+        status = getattr(exc, "status", None)
+        if not isinstance(status, int) or not 400 <= status < 600:
+            raise
+        kind = (
+            "server_error"
+            if status >= 500
+            else "not_found_error"
+            if status == 404
+            else "invalid_request_error"
+        )
+        raise ApiError(status, str(exc), type=kind, param=param, code=getattr(exc, "reason", None)) from exc
 
 
 def _find(store: AdapterAdmin, name: str) -> AdapterInfoView | None:
@@ -124,12 +134,8 @@ def _find(store: AdapterAdmin, name: str) -> AdapterInfoView | None:
 @router.post("/v1/load_lora_adapter", summary="Register (or re-register) an adapter and start loading it")
 def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request, _admin: AdminDep) -> AdminResult:
     store = _store(request)
-    try:
+    with _store_errors("lora_path"):
         info = store.load(body.lora_name, body.lora_path)
-    except Exception as exc:  # store errors -> envelope; anything else is a bug and propagates
-        if (err := _api_error(exc, "lora_path")) is None:
-            raise
-        raise err from exc
     return AdminResult(
         message=f"Success: LoRA adapter '{info.name}' added successfully.", adapter=AdapterEntry.of(info)
     )
@@ -138,12 +144,8 @@ def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request, _admin: Ad
 @router.post("/v1/unload_lora_adapter", summary="Unregister an adapter (its weights go once unpinned)")
 def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request, _admin: AdminDep) -> AdminResult:
     store = _store(request)
-    try:
+    with _store_errors("lora_name"):
         store.unload(body.lora_name)
-    except Exception as exc:
-        if (err := _api_error(exc, "lora_name")) is None:
-            raise
-        raise err from exc
     return AdminResult(message=f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
@@ -157,12 +159,8 @@ def list_adapters(request: Request, _admin: AdminDep) -> AdapterList:
 )
 def build_snapshot(name: str, request: Request, _admin: AdminDep) -> AdminResult:
     store = _store(request)
-    try:
+    with _store_errors("name"):
         store.build_snapshot(name)
-    except Exception as exc:
-        if (err := _api_error(exc, "name")) is None:
-            raise
-        raise err from exc
     info = _find(store, name)
     return AdminResult(
         message=f"snapshot of '{name}' is building",
@@ -173,10 +171,6 @@ def build_snapshot(name: str, request: Request, _admin: AdminDep) -> AdminResult
 @router.delete("/v1/adapters/{name}/snapshot", summary="Retire the adapter's snapshot (once unpinned)")
 def retire_snapshot(name: str, request: Request, _admin: AdminDep) -> AdminResult:
     store = _store(request)
-    try:
+    with _store_errors("name"):
         store.retire_snapshot(name)
-    except Exception as exc:
-        if (err := _api_error(exc, "name")) is None:
-            raise
-        raise err from exc
     return AdminResult(message=f"snapshot of '{name}' retired")
