@@ -35,7 +35,7 @@ def _engine(demo_bundle, *, slot_lora: bool, max_gpu_adapters: int) -> tuple[Asy
 
     class Runner(plain):  # type: ignore[misc,valid-type]
         def __init__(self, **kwargs: object) -> None:
-            super().__init__(**kwargs, slot_lora=slot_lora, max_lora_rank=16)  # type: ignore[arg-type]
+            super().__init__(**kwargs, slot_lora=slot_lora)  # type: ignore[arg-type]
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(model_runner, "ModelRunner", Runner)
