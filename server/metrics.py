@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import Counter as TallyCounter
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -26,12 +25,10 @@ class AdapterLabels:
     def __init__(self, limit: int = 32) -> None:
         self._limit = limit
         self._named: set[str] = set()
-        self._seen: TallyCounter[str] = TallyCounter()
         self._lock = threading.Lock()
 
     def __call__(self, name: str) -> str:
         with self._lock:
-            self._seen[name] += 1
             if name in self._named:
                 return name
             if len(self._named) < self._limit:

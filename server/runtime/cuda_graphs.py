@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from server.runtime.kv_cache import SlotKVCache, StepPlacement
+from server.runtime.kv_cache import SlotKVCache
 from server.runtime.sampler import Sampler, SamplingFeatures
 
 if TYPE_CHECKING:
@@ -79,7 +79,6 @@ class DecodeGraphs:
         self._slot_lora = slot_lora
         self._num_slots = num_slots
         self._device = device
-        self._scratch_col = kv.max_len
         self._base_lora_slot = slot_lora.base_slot if slot_lora is not None else 0
         self._inputs = torch.zeros(5, num_slots, dtype=torch.int64, device=device)  # static, [5, S]
         self._staging = torch.zeros(5, num_slots, dtype=torch.int64, pin_memory=device.type == "cuda")
@@ -144,12 +143,7 @@ class DecodeGraphs:
         token_ids = inputs[_TOKEN, :, None]  # [R, 1]
         positions = inputs[_POSITION, :, None]  # [R, 1]
         active = inputs[_ACTIVE, :, None] != 0  # [R, 1]
-        cols = torch.arange(key.kv_len, device=self._device)[None, :]  # [1, L]
-        # inactive rows write to the scratch column and attend to column 0 only, so no row is all -inf
-        mask = ((cols <= positions) & active) | (~active & (cols == 0))  # [R, L]
-        self._kv.placement = StepPlacement(
-            write_pos=torch.where(active, positions, self._scratch_col), kv_len=key.kv_len
-        )
+        mask = self._kv.place_decode(positions, active, key.kv_len)  # [R, L]
         routing = (
             self._slot_lora.routing(inputs[_LORA_SLOT])
             if self._slot_lora is not None

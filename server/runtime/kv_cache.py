@@ -48,6 +48,17 @@ class SlotKVCache:
         self.max_len = max_len
         self.placement: StepPlacement | None = None
 
+    def place_decode(self, positions: torch.Tensor, active: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Set a view-mode placement for one decode token per row and return its attention mask [R, L].
+
+        positions ``[R, 1]``, active ``[R, 1]`` bool. Active rows write at their position and attend to
+        their past; inactive rows (free slots, rows run by another model this step) write to the scratch
+        column and attend to column 0 only, so no row is all -inf. No host sync: graph-safe.
+        """
+        cols = torch.arange(kv_len, device=positions.device)[None, :]  # [1, L]
+        self.placement = StepPlacement(write_pos=torch.where(active, positions, self.max_len), kv_len=kv_len)
+        return ((cols <= positions) & active) | (~active & (cols == 0))
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))

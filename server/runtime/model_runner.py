@@ -213,7 +213,6 @@ class ModelRunner:
         rows = bucket(max(seq.slot for seq in seqs) + 1, self._num_slots)
         if self.graphs is not None and not self.graphs.failed and self._graphable(seqs):
             return self._decode_graph(self.graphs, seqs, rows)
-        scratch = self._max_model_len
         by_slot: dict[int, Sequence] = {seq.slot: seq for seq in seqs}
         input_ids = torch.zeros(rows, 1, dtype=torch.long)  # [R, 1]
         rope_pos = torch.zeros(rows, 1, dtype=torch.long)  # [R, 1]
@@ -232,12 +231,8 @@ class ModelRunner:
                 # every row of the view runs; rows outside this group write to the scratch column only
                 active = torch.zeros(rows, dtype=torch.bool)
                 active[group.rows] = True
-                write_pos = torch.where(active[:, None], rope_pos, scratch)
-                mask = (cols[None, :] <= rope_pos) & active[:, None] | (
-                    ~active[:, None] & (cols == 0)[None, :]
-                )
                 names = [self._peft_name(by_slot[r]) if active[r] else BASE_ADAPTER for r in range(rows)]
-                self.kv.placement = StepPlacement(write_pos=write_pos.to(self.device), kv_len=kv_len)
+                mask = self.kv.place_decode(rope_pos.to(self.device), active[:, None].to(self.device), kv_len)
                 out = self._forward(group.model, input_ids, rope_pos, mask[:, None, None, :], names)
                 logits[active.to(self.device)] = out[active.to(self.device)]
             else:
