@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from peft import LoraConfig, PeftModelForCausalLM, set_peft_model_state_dict
 from safetensors.torch import load as load_safetensors
 
 from adapter_store.registry import AdapterSource
+
+log = logging.getLogger(__name__)
 
 _LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(LoraConfig))
 
@@ -43,6 +46,9 @@ class LoadedAdapter:
     state_dict: dict[str, torch.Tensor]
     nbytes: int
     seconds: float  # disk read + hash + parse
+    # the adapter in a GPU tier listener's own form (``GpuTierListener.prepare``), made on the loader thread
+    prepared: object | None = None
+    prepared_by: object | None = None  # the listener that made ``prepared``
 
 
 def peft_name(name: str, digest: str) -> str:
@@ -75,6 +81,7 @@ def read_adapter(source: AdapterSource, *, pin_memory: bool = False) -> LoadedAd
             reason="corrupt",
         ) from None
     del data
+    _drop_base_copies(source, state_dict)
     _check_shapes(source, state_dict)
     try:
         config = lora_config(source.config)
@@ -84,6 +91,18 @@ def read_adapter(source: AdapterSource, *, pin_memory: bool = False) -> LoadedAd
         state_dict = {k: v.pin_memory() for k, v in state_dict.items()}
     nbytes = sum(t.numel() * t.element_size() for t in state_dict.values())
     return LoadedAdapter(source, digest, config, state_dict, nbytes, time.perf_counter() - t0)
+
+
+def _drop_base_copies(source: AdapterSource, state_dict: dict[str, torch.Tensor]) -> None:
+    """PEFT saves a copy of a targeted embedding or output layer (``lm_head.base_layer.weight``) next to the
+    LoRA weights, and loading the adapter with PEFT would write it into the base model, which every tenant
+    shares. The base stays the base: such copies are dropped (a resized vocabulary is refused by the shape
+    of the LoRA weights themselves)."""
+    copies = [k for k in state_dict if ".base_layer." in k]
+    for key in copies:
+        del state_dict[key]
+    if copies:
+        log.info("adapter %s: ignoring its copies of base weights (%s)", source.name, ", ".join(copies[:3]))
 
 
 def _check_shapes(source: AdapterSource, state_dict: dict[str, torch.Tensor]) -> None:

@@ -190,6 +190,29 @@ def test_mixed_batch_rows(store_factory: Callable, bundle: Bundle) -> None:
     assert outputs == [bundle.refs[n][0] for n in SPECS] + [bundle.base_refs[0]]
 
 
+def test_adapter_copy_of_a_base_layer_never_reaches_the_base(
+    store_factory: Callable, bundle: Bundle, tmp_path: Path
+) -> None:
+    """PEFT saves lm_head's base weight with an adapter that targets lm_head (gamma); PEFT's loading would
+    write it into the shared base. A tampered copy must change nothing, for gamma or for anyone else."""
+    from safetensors.torch import load_file, save_file
+
+    store, _ = store_factory(max_gpu_adapters=2, max_cpu_adapters=0)
+    folder = tmp_path / "adapters" / "gamma"  # the store's own copy of the adapters
+    weights = load_file(folder / "adapter_model.safetensors")
+    copies = [k for k in weights if ".base_layer." in k]
+    assert copies  # PEFT did save one
+    save_file(
+        {k: torch.zeros_like(v) if k in copies else v for k, v in weights.items()},
+        folder / "adapter_model.safetensors",
+    )
+    store.load("gamma", folder)
+    gamma, alpha = wait_acquire(store, "gamma"), wait_acquire(store, "alpha")
+    assert run(store, gamma, PROMPTS[0]) == bundle.refs["gamma"][0]
+    assert run(store, alpha, PROMPTS[0]) == bundle.refs["alpha"][0]
+    assert greedy(store.model, PROMPTS[0], N_NEW, ["__base__"]) == bundle.base_refs[0]
+
+
 def test_pinned_adapters_are_never_evicted(store_factory: Callable, bundle: Bundle) -> None:
     store, _ = store_factory(max_gpu_adapters=1, max_cpu_adapters=2)
     pinned = [wait_acquire(store, "alpha") for _ in range(3)]
