@@ -1,8 +1,8 @@
 """Adapter tiers: GPU (in the PeftModel) <- CPU (host state dicts) <- disk, with LRU, pinning and
 background loads.
 
-Threading. ``acquire``, ``release``, ``sync`` and ``model`` belong to the engine thread: only they touch the
-model. Disk reads run on one loader thread; snapshot builds on another. ``load``, ``unload``, ``adapters``,
+Threading. ``acquire``, ``release``, ``sync``, ``model`` and ``materialize`` belong to the engine thread:
+only they touch the model. Disk reads run on a pool of loader threads; snapshot builds on another thread. ``load``, ``unload``, ``adapters``,
 ``build_snapshot`` and ``retire_snapshot`` are safe from any thread: they only change bookkeeping, and the
 engine thread applies the change at its next ``sync``. One lock guards the bookkeeping; no model work runs
 under it except on the engine thread.
@@ -10,6 +10,12 @@ under it except on the engine thread.
 Versions. Each version of an adapter lives in the PeftModel under its own name (``name@digest[:12]``).
 Re-registering changed files makes the new version current: new acquires wait for (and get) it, leases on
 the old one keep running on the old weights, and the old one is deleted when its last lease is released.
+
+GPU tier listener. With one set (``server.runtime.slot_lora.SlotLoRA`` on CUDA), an adapter entering the GPU
+tier goes to the listener first, in the form the listener prepared on the loader thread; only an adapter the
+listener refuses is put into the PeftModel (PEFT's ``add_adapter`` + ``set_peft_model_state_dict``, most of
+a second per all-linear adapter on an 8B model, on the engine thread). ``materialize`` puts a
+listener-served adapter into the PeftModel too, for PEFT's own forward (the reference).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from peft import PeftModelForCausalLM
+from peft import LoraConfig, PeftModelForCausalLM
 from transformers import PreTrainedModel
 
 from adapter_store.loader import AdapterLoadError, LoadedAdapter, inject, peft_name, read_adapter, remove
@@ -47,11 +53,17 @@ class StoreObserver(Protocol):
 
 
 class GpuTierListener(Protocol):
-    """Told (on the engine thread, inside ``sync``) when an adapter version enters or leaves the GPU tier,
-    e.g. ``server.runtime.slot_lora.SlotLoRA`` copying its weights into graph-friendly slot tensors."""
+    """Serves GPU-tier adapters outside the PeftModel, e.g. ``server.runtime.slot_lora.SlotLoRA`` holding
+    their weights in graph-friendly slot tensors.
 
-    def on_gpu_enter(self, key: str, peft_model: torch.nn.Module) -> None: ...
+    ``prepare`` runs on a loader thread (it must be thread-safe); the others on the engine thread, inside
+    ``sync``. ``on_gpu_enter`` returns False when the listener cannot serve the adapter: the store then puts
+    it into the PeftModel, and ``on_peft_change`` follows the PeftModel's adapters."""
+
+    def prepare(self, config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> object: ...
+    def on_gpu_enter(self, key: str, prepared: object) -> bool: ...
     def on_gpu_leave(self, key: str) -> None: ...
+    def on_peft_change(self, peft_model: torch.nn.Module | None) -> None: ...
 
 
 class _NullObserver:
@@ -97,6 +109,7 @@ class AdapterInfo:
 class _GpuEntry:
     source: AdapterSource
     key: str
+    in_peft: bool  # in the PeftModel (else only the GPU tier listener holds it)
     pins: int = 0
 
 
@@ -126,9 +139,10 @@ class AdapterStore:
         snapshot_min_requests: int = 20,
         snapshot_idle_s: float = 300.0,
         failure_backoff_s: float = FAILURE_BACKOFF_S,
+        load_workers: int = 4,
     ) -> None:
-        if max_gpu_adapters < 1 or max_cpu_adapters < 0:
-            raise ValueError("max_gpu_adapters must be >= 1 and max_cpu_adapters >= 0")
+        if max_gpu_adapters < 1 or max_cpu_adapters < 0 or load_workers < 1:
+            raise ValueError("max_gpu_adapters and load_workers must be >= 1, max_cpu_adapters >= 0")
         self._base = base_model
         self.registry = registry
         self._max_gpu = max_gpu_adapters
@@ -145,7 +159,7 @@ class AdapterStore:
         self._requests: collections.Counter[str] = collections.Counter()
         self._lock = threading.RLock()
         self._dirty = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="adapter-loader")
         # transformers/PEFT patch torch globally while constructing models: snapshot builds and
         # promotions must not overlap (a promotion waits for the next sync instead of blocking)
         self._construct_lock = threading.Lock()
@@ -164,20 +178,45 @@ class AdapterStore:
 
     @property
     def model(self) -> torch.nn.Module:
-        """The PeftModel while any adapter is on the GPU, else the base (whose LoRA layers, if any, hold no
-        adapter and act as the plain base). Pass ``adapter_names`` only to the PeftModel."""
-        return self._peft if self._peft is not None and self._gpu else self._base
+        """The PeftModel while it holds a GPU-tier adapter, else the base (whose LoRA layers, if any, hold no
+        adapter and act as the plain base; a GPU tier listener's hooks, if any, sit on its linear layers).
+        Pass ``adapter_names`` only to the PeftModel."""
+        if self._peft is not None and any(e.in_peft for e in self._gpu.values()):
+            return self._peft
+        return self._base
 
     @property
     def max_gpu_adapters(self) -> int:
         return self._max_gpu
 
     def set_gpu_listener(self, listener: GpuTierListener | None) -> None:
-        """Follow the GPU tier from now on (engine thread); adapters already there are announced at once."""
+        """Serve the GPU tier through ``listener`` from now on (engine thread). Adapters already there stay
+        in the PeftModel and are offered to the listener at once (read again from disk if need be)."""
         self._gpu_listener = listener
-        if listener is not None and self._peft is not None:
-            for key in self._gpu:
-                listener.on_gpu_enter(key, self._peft)
+        if listener is None:
+            return
+        listener.on_peft_change(self._peft)
+        for key, entry in self._gpu.items():
+            loaded = self._cpu.get(key)
+            if loaded is None:
+                loaded = read_adapter(entry.source)
+            listener.on_gpu_enter(key, self._prepared(listener, loaded))
+
+    def materialize(self, key: str) -> PeftModelForCausalLM:
+        """Put GPU-tier adapter version ``key`` (a ``Lease.peft_name``) into the PeftModel if only the GPU
+        tier listener holds it, so PEFT's own forward can run it (the reference path); returns the PeftModel.
+        Engine thread; reads the adapter again if the CPU tier dropped it. KeyError: not on the GPU tier."""
+        with self._lock:
+            entry = self._gpu[key]
+            if not entry.in_peft:
+                loaded = self._cpu.get(key) or read_adapter(entry.source)
+                with self._construct_lock:
+                    self._peft = inject(self._peft, self._base, loaded, key)
+                entry.in_peft = True
+                if self._gpu_listener is not None:
+                    self._gpu_listener.on_peft_change(self._peft)
+            assert self._peft is not None
+            return self._peft
 
     # --------------------------------------------------------------------------- engine thread only
     def acquire(self, name: str) -> Lease | None:
@@ -297,7 +336,7 @@ class AdapterStore:
 
     def _start_load(self, source: AdapterSource) -> None:
         key = peft_name(source.name, source.digest)
-        future = self._pool.submit(read_adapter, source, pin_memory=self._pin)
+        future = self._pool.submit(self._read, source, self._gpu_listener)
         future.add_done_callback(lambda _: self._dirty.set())
         self._loading[key] = (source, future, time.perf_counter())
 
@@ -326,13 +365,29 @@ class AdapterStore:
             self._obs.on_adapter_load("cpu", time.perf_counter() - t0)
             self._obs.on_adapter_resident(source.name, "cpu", True)
 
+    def _read(self, source: AdapterSource, listener: GpuTierListener | None) -> LoadedAdapter:
+        """Loader thread: disk -> host state dict (pinned on CUDA unless a listener takes the adapter in its
+        own form, which it then prepares here too)."""
+        loaded = read_adapter(source, pin_memory=self._pin and listener is None)
+        if listener is not None:
+            self._prepared(listener, loaded)
+        return loaded
+
+    @staticmethod
+    def _prepared(listener: GpuTierListener, loaded: LoadedAdapter) -> object:
+        if loaded.prepared_by is not listener:
+            loaded.prepared = listener.prepare(loaded.config, loaded.state_dict)
+            loaded.prepared_by = listener
+        return loaded.prepared
+
     def _fail(self, source: AdapterSource, error: AdapterLoadError) -> None:
         log.warning("adapter %s: %s", source.name, error)
         self._failed[source.name] = _Failure(source.digest, error, time.monotonic() + self._backoff)
 
     def _promote(self, key: str) -> bool:
-        """CPU tier -> PeftModel, evicting the LRU unpinned GPU adapter if full. False if it must wait:
-        every GPU slot is pinned, or a snapshot build holds the construction lock."""
+        """CPU tier -> GPU tier listener, or the PeftModel if the listener refuses it (or none is set),
+        evicting the LRU unpinned GPU adapter if full. False if it must wait: every GPU slot is pinned, or
+        a snapshot build holds the construction lock."""
         if not self._construct_lock.acquire(blocking=False):
             self._dirty.set()  # retry at the next sync
             return False
@@ -346,16 +401,19 @@ class AdapterStore:
             self._cpu.move_to_end(key)
             del self._wanted[key]
             t0 = time.perf_counter()
-            try:
-                self._peft = inject(self._peft, self._base, loaded, key)
-            except AdapterLoadError as e:
-                self._fail(loaded.source, e)
-                return True
+            listener = self._gpu_listener
+            in_peft = listener is None or not listener.on_gpu_enter(key, self._prepared(listener, loaded))
+            if in_peft:
+                try:
+                    self._peft = inject(self._peft, self._base, loaded, key)
+                except AdapterLoadError as e:
+                    self._fail(loaded.source, e)
+                    return True
         finally:
             self._construct_lock.release()
-        self._gpu[key] = _GpuEntry(loaded.source, key)
-        if self._gpu_listener is not None:
-            self._gpu_listener.on_gpu_enter(key, self._peft)
+        self._gpu[key] = _GpuEntry(loaded.source, key, in_peft)
+        if in_peft and listener is not None:
+            listener.on_peft_change(self._peft)
         self._obs.on_adapter_load("gpu", time.perf_counter() - t0)
         self._obs.on_adapter_resident(loaded.source.name, "gpu", True)
         return True
@@ -364,8 +422,10 @@ class AdapterStore:
         entry = self._gpu.pop(key)
         if self._gpu_listener is not None:
             self._gpu_listener.on_gpu_leave(key)
-        if self._peft is not None:
+        if entry.in_peft and self._peft is not None:
             remove(self._peft, key)
+            if self._gpu_listener is not None:
+                self._gpu_listener.on_peft_change(self._peft)
         self._obs.on_adapter_evict("gpu")
         if not any(e.source.name == entry.source.name for e in self._gpu.values()):
             self._obs.on_adapter_resident(entry.source.name, "gpu", False)

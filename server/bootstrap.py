@@ -77,6 +77,7 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
         registry,
         max_gpu_adapters=settings.max_gpu_adapters,
         max_cpu_adapters=settings.max_cpu_adapters,
+        load_workers=settings.adapter_load_workers,
         observer=metrics,
         base_loader=partial(load_model, spec) if settings.snapshot_policy != "off" else None,
         snapshot_policy=settings.snapshot_policy,

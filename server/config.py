@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     adapter_dir: Path | None = Field(None, description="folder of adapter folders (name = folder name)")
     max_gpu_adapters: int = Field(8, ge=1, description="adapters resident in the model")
     max_cpu_adapters: int = Field(32, ge=0, description="adapters kept as host state dicts")
+    adapter_load_workers: int = Field(
+        4, ge=1, le=64, description="threads reading, hashing and preparing adapters off disk"
+    )
     max_lora_rank: int = Field(
         16, ge=1, le=512, description="refuse adapters of a higher rank; sizes the GPU slot tensors (as vLLM)"
     )

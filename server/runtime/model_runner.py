@@ -281,9 +281,9 @@ class ModelRunner:
     ) -> torch.Tensor:
         """One forward over ``input_ids`` [B, S]; returns the last column's logits [B, V] in float32."""
         kwargs: dict[str, object] = {}
-        with self._adapter_routing(model, adapter_names) as peft_routed:
-            if peft_routed:
-                kwargs["adapter_names"] = adapter_names
+        with self._adapter_routing(model, adapter_names) as peft_names:
+            if peft_names is not None:
+                kwargs["adapter_names"] = peft_names
             out = model(
                 input_ids=input_ids.to(self.device),
                 position_ids=rope_pos.to(self.device),
@@ -305,6 +305,7 @@ class ModelRunner:
         self.slot_lora: SlotLoRA | None = None
         if (use_graphs if slot_lora is None else slot_lora) and self.store is not None:
             self.slot_lora = SlotLoRA(
+                self.base_model,
                 num_slots=self.store.max_gpu_adapters,  # type: ignore[attr-defined]
                 r_max=max_lora_rank,
                 dtype=self.dtype,
@@ -350,24 +351,33 @@ class ModelRunner:
         return StepOutput(token_ids=[tokens[seq.slot] for seq in seqs])
 
     @contextlib.contextmanager
-    def _adapter_routing(self, model: torch.nn.Module, adapter_names: list[str]) -> Iterator[bool]:
-        """Route an eager forward's rows to their adapters: through slot LoRA when every row has a slot
-        (yields False), else through PEFT's ``adapter_names`` (yields True when the model is a PeftModel)."""
+    def _adapter_routing(
+        self, model: torch.nn.Module, adapter_names: list[str]
+    ) -> Iterator[list[str] | None]:
+        """Route an eager forward's rows to their adapters; yields the ``adapter_names`` to pass (None: pass
+        none). Without slot LoRA: PEFT's ``adapter_names`` when the model is a PeftModel. With it: rows whose
+        adapter has a slot go through the slots, the others (an adapter the slots cannot hold) through PEFT's
+        ``adapter_names``, in the same forward."""
         slot_lora = self.slot_lora
         if slot_lora is None or model is not self._shared_model:
-            yield _is_peft(model)
+            yield adapter_names if _is_peft(model) else None
             return
         keys = [_adapter_key(name) for name in adapter_names]
-        if all(key is None or slot_lora.supports(key) for key in keys):
-            row_slots = torch.tensor([slot_lora.slot_of(key) for key in keys], device=self.device)
+        slotted = [key is None or slot_lora.supports(key) for key in keys]
+        row_slots = torch.tensor(
+            [
+                slot_lora.slot_of(key) if ok else slot_lora.base_slot
+                for key, ok in zip(keys, slotted, strict=True)
+            ],
+            device=self.device,
+        )
+        if all(slotted):
             with slot_lora.routing(row_slots):
-                yield False
+                yield None
             return
-        slot_lora.enabled = False  # an adapter without a slot: this forward runs on PEFT's own LoRA layers
-        try:
-            yield _is_peft(model)
-        finally:
-            slot_lora.enabled = True
+        peft_names = [BASE_ADAPTER if ok else name for name, ok in zip(adapter_names, slotted, strict=True)]
+        with slot_lora.routing(row_slots, peft_rows=True):
+            yield peft_names
 
 
 def _adapter_key(peft_name: str) -> str | None:

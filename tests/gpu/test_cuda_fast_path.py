@@ -103,7 +103,7 @@ def test_greedy_with_graphs_equals_without(adapters: Path) -> None:
 
 @torch.inference_mode()
 def test_slot_lora_equals_peft_on_cuda() -> None:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     from server.runtime.slot_lora import SlotLoRA
 
@@ -122,9 +122,13 @@ def test_slot_lora_equals_peft_on_cuda() -> None:
                 param.data.normal_(0, 0.05)
     assert peft is not None
     peft.eval()
-    slots = SlotLoRA(num_slots=4, r_max=16, dtype=torch.bfloat16, device=DEVICE)
+    slots = SlotLoRA(peft, num_slots=4, r_max=16, dtype=torch.bfloat16, device=DEVICE)
+    slots.on_peft_change(peft)
     for name in specs:
-        slots.on_gpu_enter(name, peft)
+        state_dict = get_peft_model_state_dict(peft, adapter_name=name)
+        prepared = slots.prepare(peft.peft_config[name], state_dict)
+        assert all(a.is_pinned() for _, a, _ in prepared.layers)  # one pinned host buffer, async copies
+        assert slots.on_gpu_enter(name, prepared)
     names = ["s1", "__base__", "s2", "s3", "s2", "__base__"]
     ids = torch.randint(0, 512, (len(names), 9), device=DEVICE)
     slots.enabled = False

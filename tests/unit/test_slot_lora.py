@@ -11,19 +11,31 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from server.runtime.slot_lora import SlotLoRA, UnsupportedAdapterError
+from server.runtime.slot_lora import SlotLoRA, SlotWeights, UnsupportedAdapterError
 
 ATOL = RTOL = 1e-4
 BASE = "__base__"
 
-# name -> (rank, alpha, target modules)
-ADAPTERS = {
-    "s1": (4, 8, ["q_proj", "v_proj"]),
-    "s2": (8, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-    "s3": (2, 1, ["down_proj", "o_proj"]),
+# name -> LoraConfig keyword arguments (s4 and s5 exercise PEFT's per-module and rsLoRA scaling)
+ADAPTERS: dict[str, dict[str, object]] = {
+    "s1": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "s2": {
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    },
+    "s3": {"r": 2, "lora_alpha": 1, "target_modules": ["down_proj", "o_proj"]},
+    "s4": {
+        "r": 4,
+        "lora_alpha": 4,
+        "target_modules": ["q_proj", "o_proj", "down_proj"],
+        "rank_pattern": {"down_proj": 2},
+        "alpha_pattern": {"q_proj": 3},
+    },
+    "s5": {"r": 8, "lora_alpha": 5, "target_modules": ["k_proj", "up_proj"], "use_rslora": True},
 }
 
 
@@ -58,8 +70,8 @@ def peft_model() -> PeftModel:
     )
     base = LlamaForCausalLM(config).eval()
     model: PeftModel | None = None
-    for i, (name, (rank, alpha, targets)) in enumerate(ADAPTERS.items()):
-        cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+    for i, (name, kwargs) in enumerate(ADAPTERS.items()):
+        cfg = LoraConfig(lora_dropout=0.0, **kwargs)  # type: ignore[arg-type]
         if model is None:
             model = get_peft_model(base, cfg, adapter_name=name)
         else:
@@ -69,10 +81,25 @@ def peft_model() -> PeftModel:
     return model.eval()
 
 
-def _slot_lora(model: PeftModel, num_slots: int = 4, r_max: int = 8) -> SlotLoRA:
-    slots = SlotLoRA(num_slots=num_slots, r_max=r_max, dtype=torch.float32, device=torch.device("cpu"))
+def _new_slots(model: PeftModel, num_slots: int, r_max: int) -> SlotLoRA:
+    slots = SlotLoRA(model, num_slots=num_slots, r_max=r_max, dtype=torch.float32, device=torch.device("cpu"))
+    slots.on_peft_change(model)
+    return slots
+
+
+def _prepared(slots: SlotLoRA, model: PeftModel, name: str) -> SlotWeights:
+    # what the adapter store hands over: the adapter's config and its PEFT state dict as saved on disk
+    return slots.prepare(model.peft_config[name], get_peft_model_state_dict(model, adapter_name=name))
+
+
+def _enter(slots: SlotLoRA, model: PeftModel, name: str) -> bool:
+    return slots.on_gpu_enter(name, _prepared(slots, model, name))
+
+
+def _slot_lora(model: PeftModel, num_slots: int = 6, r_max: int = 8) -> SlotLoRA:
+    slots = _new_slots(model, num_slots, r_max)
     for name in ADAPTERS:
-        slots.on_gpu_enter(name, model)
+        assert _enter(slots, model, name)
     return slots
 
 
@@ -97,6 +124,7 @@ def _logits_slots(model: PeftModel, slots: SlotLoRA, ids: torch.Tensor, names: l
         [BASE],
         ["s1", "s2", "s3", BASE],
         ["s3", "s3", BASE, "s2", "s1", BASE],
+        ["s4", "s5", "s1", BASE, "s4"],
         ["s2", "s2"],
     ],
 )
@@ -132,13 +160,15 @@ def test_disabled_routing_restores_peft(peft_model: PeftModel) -> None:
 
 @torch.inference_mode()
 def test_slot_reuse_after_eviction_leaves_no_trace(peft_model: PeftModel) -> None:
-    slots = _slot_lora(peft_model, num_slots=3)
+    slots = _new_slots(peft_model, num_slots=3, r_max=8)
+    for name in ("s1", "s2", "s3"):
+        assert _enter(slots, peft_model, name)
     slot_b = slots.slot_of("s2")
     slots.on_gpu_leave("s2")  # s2 touched all seven projections; s3 only two
     with pytest.raises(UnsupportedAdapterError):
         slots.slot_of("s2")
     slots.on_gpu_leave("s3")
-    slots.on_gpu_enter("s3", peft_model)  # takes the lowest free slot: s2's old one
+    assert _enter(slots, peft_model, "s3")  # takes the lowest free slot: s2's old one
     assert slots.slot_of("s3") == slot_b
     ids = torch.randint(0, 64, (3, 5))
     names = ["s3", "s1", BASE]
@@ -151,17 +181,113 @@ def test_slot_reuse_after_eviction_leaves_no_trace(peft_model: PeftModel) -> Non
 
 
 def test_no_free_slot_and_rank_above_r_max_are_unsupported(peft_model: PeftModel) -> None:
-    slots = SlotLoRA(num_slots=1, r_max=4, dtype=torch.float32, device=torch.device("cpu"))
-    slots.on_gpu_enter("s2", peft_model)  # rank 8 > r_max 4
+    slots = _new_slots(peft_model, num_slots=1, r_max=4)
+    assert not _enter(slots, peft_model, "s2")  # rank 8 > r_max 4
     assert not slots.supports("s2")
-    slots.on_gpu_enter("s1", peft_model)
-    slots.on_gpu_enter("s3", peft_model)  # the one slot is taken by s1
+    with pytest.raises(UnsupportedAdapterError, match="above the slot rank 4"):
+        slots.slot_of("s2")
+    assert _enter(slots, peft_model, "s1")
+    assert not _enter(slots, peft_model, "s3")  # the one slot is taken by s1
     assert slots.supports("s1") and not slots.supports("s3")
     with pytest.raises(UnsupportedAdapterError, match="slots are taken"):
         slots.slot_of("s3")
 
 
-def test_routing_needs_enabled() -> None:
-    slots = SlotLoRA(num_slots=2, r_max=4, dtype=torch.float32, device=torch.device("cpu"))
+def _bad_state_dicts(sd: dict[str, torch.Tensor]) -> dict[str, tuple[dict[str, torch.Tensor], str]]:
+    a_key = next(k for k in sd if k.endswith(".lora_A.weight"))
+    b_key = a_key.replace("lora_A", "lora_B")
+    wider = dict(sd)
+    wider[a_key] = torch.zeros(sd[a_key].shape[0], sd[a_key].shape[1] + 1)
+    return {
+        "missing_b": ({k: v for k, v in sd.items() if k != b_key}, "lacks lora_B"),
+        "shape": (wider, "do not fit"),
+        "not_lora": ({**sd, "base_model.model.lm_head.modules_to_save.weight": sd[a_key]}, "not a plain"),
+        "not_linear": (
+            {"base_model.model.model.embed_tokens.lora_A.weight": sd[a_key], b_key: sd[b_key]},
+            "not a linear layer",
+        ),
+        "empty": ({}, "no LoRA weight"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing_b", "shape", "not_lora", "not_linear", "empty"])
+def test_prepare_refuses_state_dicts_the_slots_cannot_hold(peft_model: PeftModel, case: str) -> None:
+    slots = _new_slots(peft_model, num_slots=2, r_max=8)
+    config = peft_model.peft_config["s1"]
+    state_dict, why = _bad_state_dicts(get_peft_model_state_dict(peft_model, adapter_name="s1"))[case]
+    weights = slots.prepare(config, state_dict)
+    assert weights.unsupported is not None and why in weights.unsupported and not weights.layers
+    assert not slots.on_gpu_enter("bad", weights)
+    with pytest.raises(UnsupportedAdapterError, match=why):
+        slots.slot_of("bad")
+    assert slots.on_gpu_enter("s1", _prepared(slots, peft_model, "s1"))  # the refusal held no slot
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("use_dora", True), ("lora_bias", True), ("fan_in_fan_out", True), ("modules_to_save", ["lm_head"])],
+)
+def test_prepare_refuses_lora_variants_and_extras(peft_model: PeftModel, field: str, value: object) -> None:
+    slots = _new_slots(peft_model, num_slots=2, r_max=8)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    setattr(config, field, value)
+    weights = slots.prepare(config, get_peft_model_state_dict(peft_model, adapter_name="s1"))
+    assert weights.unsupported is not None and field in weights.unsupported
+
+
+def test_prepare_pads_scales_and_needs_no_peft_wrapping() -> None:
+    # a plain (never PEFT-wrapped) base: the store's slot path puts adapters in without PEFT
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
+    slots = SlotLoRA(base, num_slots=2, r_max=8, dtype=torch.float32, device=torch.device("cpu"))
+    a = torch.randn(4, 32)
+    b = torch.randn(32, 4)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    weights = slots.prepare(LoraConfig(r=4, lora_alpha=2), {key.format("A"): a, key.format("B"): b})
+    assert weights.unsupported is None
+    ((name, pa, pb),) = weights.layers
+    assert name == "model.layers.0.self_attn.q_proj"
+    assert pa.shape == (8, 32) and pb.shape == (8, 32)
+    torch.testing.assert_close(pa[:4], a, atol=0, rtol=0)
+    torch.testing.assert_close(pb[:4], (b * 0.5).T, atol=0, rtol=0)
+    assert not pa[4:].any() and not pb[4:].any()
+    assert weights.nbytes == 2 * 8 * 32 * 4
+
+
+def test_routing_needs_enabled(peft_model: PeftModel) -> None:
+    slots = _new_slots(peft_model, num_slots=2, r_max=4)
     with pytest.raises(RuntimeError), slots.routing(torch.zeros(1, dtype=torch.long)):
         pass
+
+
+@torch.inference_mode()
+def test_slot_rows_and_peft_rows_share_a_forward(peft_model: PeftModel) -> None:
+    # s2 has no slot (as an adapter the slots refuse): its rows go through PEFT's adapter_names while the
+    # others go through the slots, in one forward; every row must get exactly its own delta
+    slots = _new_slots(peft_model, num_slots=4, r_max=8)
+    for name in ("s1", "s3", "s4"):
+        assert _enter(slots, peft_model, name)
+    names = ["s2", "s1", BASE, "s2", "s4", "s3"]
+    ids = torch.randint(0, 64, (len(names), 5))
+    expected = _logits_peft(peft_model, ids, names)
+    rows = torch.tensor([slots.slot_of(n) if slots.supports(n) else slots.base_slot for n in names])
+    peft_names = [n if n == "s2" else BASE for n in names]
+    slots.enabled = True
+    try:
+        with slots.routing(rows, peft_rows=True):
+            got = peft_model(input_ids=ids, adapter_names=peft_names).logits
+        with slots.routing(rows):  # PEFT's layers back off: the s2 rows lose their delta
+            without = peft_model(input_ids=ids).logits
+    finally:
+        slots.enabled = False
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    assert not torch.allclose(without[0], expected[0], atol=1e-3)
+    torch.testing.assert_close(without[1:3], expected[1:3], atol=ATOL, rtol=RTOL)
