@@ -1,16 +1,19 @@
-"""Adapter store figures: disk -> GPU vs CPU -> GPU load time, snapshot build time, and NF4 merge drift.
+"""Adapter store figures: disk -> GPU vs CPU -> GPU load time, the engine thread's stall while an adapter
+enters the GPU tier (PEFT injection vs slot LoRA), snapshot build time, and NF4 merge drift.
 
 CPU (default): the embedded demo bundle (tiny NF4 Llama, three trained adapters).
-CUDA with ``--shape 8b``: a random-weight Llama-3-8B-shaped NF4 model and a rank-16 all-linear adapter
-(timing does not depend on weight values). Writes one JSON object to ``--out`` (and stdout).
+``--shape 1b`` (CUDA if present, else CPU) and ``--shape 8b`` (CUDA): a random-weight Llama-3.2-1B- or
+Llama-3-8B-shaped NF4 model and a rank-16 all-linear adapter (timing does not depend on weight values).
+Writes one JSON object to ``--out`` (and stdout).
 
-    python -m benchmarks.adapter_load [--shape demo|8b] [--repeats 5] [--out adapter_load.json]
+    python -m benchmarks.adapter_load [--shape demo|1b|8b] [--repeats 5] [--no-snapshot] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import tempfile
 import time
@@ -30,6 +33,7 @@ from transformers import (
 
 from adapter_store import AdapterRegistry, AdapterStore, Lease
 from adapter_store.snapshots import build_merged, measure_drift
+from server.runtime.slot_lora import SlotLoRA
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -48,22 +52,32 @@ def nf4_loader(folder: Path, device: str) -> Callable[[], PreTrainedModel]:
     return load
 
 
-def make_8b(root: Path) -> tuple[Path, Path, list[str]]:
-    """A Llama-3-8B-shaped base (random bf16 weights, saved once) and a rank-16 all-linear adapter."""
+SHAPES: dict[str, dict[str, Any]] = {  # Llama-3-8B and Llama-3.2-1B
+    "8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+    },
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+    },
+}
+
+
+def make_random(root: Path, shape: str, device: str) -> tuple[Path, Path, list[str]]:
+    """A Llama-shaped base (random bf16 weights, saved once) and a rank-16 all-linear adapter."""
     config = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
+        vocab_size=128256, num_key_value_heads=8, max_position_embeddings=8192, **SHAPES[shape]
     )
-    base = root / "base-8b"
+    base = root / f"base-{shape}"
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(before)
@@ -73,7 +87,8 @@ def make_8b(root: Path) -> tuple[Path, Path, list[str]]:
     )
     peft.save_pretrained(str(root / "adapters" / "r16"))
     del model, peft
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return base, root / "adapters", ["r16"]
 
 
@@ -102,18 +117,61 @@ def timed_load(store: AdapterStore, name: str, device: str) -> float:
     return seconds
 
 
+def timed_stall(store: AdapterStore, name: str, device: str) -> float:
+    """Seconds the engine thread spends in the ``sync`` that moves ``name`` from the CPU tier to the GPU
+    tier (the decoding of every other stream waits that long)."""
+    stall = 0.0
+    while (lease := store.acquire(name)) is None:
+        t0 = time.perf_counter()
+        store.sync()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        stall = max(stall, time.perf_counter() - t0)
+        time.sleep(0.0005)
+    store.release(lease)
+    return stall
+
+
+def promote_stalls(
+    model: PreTrainedModel,
+    loader: Callable[[], PreTrainedModel],
+    registry: AdapterRegistry,
+    name: str,
+    args: Any,
+) -> tuple[dict[str, float], PreTrainedModel]:
+    """Median engine-thread stall per CPU -> GPU entry: PEFT injection (the CPU serving path) vs slot LoRA
+    (the CUDA serving path: copies into slot tensors prepared on the loader thread)."""
+    stalls: dict[str, float] = {}
+    for mode in ("peft", "slots"):
+        model = _fresh(model, loader)
+        store = AdapterStore(model, registry, max_gpu_adapters=1, max_cpu_adapters=4)
+        if mode == "slots":
+            dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+            slots = SlotLoRA(model, num_slots=1, r_max=16, dtype=dtype, device=torch.device(args.device))
+            slots.enabled = True
+            store.set_gpu_listener(slots)
+        timed_stall(store, name, args.device)  # the disk read: into the CPU tier
+        runs = [timed_stall(store, name, args.device) for _ in range(args.repeats) if not _evict(store)]
+        store.close()
+        stalls[f"{mode}_ms"] = 1000 * statistics.median(runs)
+    stalls["peft_over_slots"] = stalls["peft_ms"] / stalls["slots_ms"]
+    return stalls, model
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=("demo", "8b"), default="demo")
+    parser.add_argument("--shape", choices=("demo", "1b", "8b"), default="demo")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("adapter_load.json"))
     parser.add_argument("--base", type=Path, help="a local base model folder instead of the demo bundle")
     parser.add_argument("--adapter-dir", type=Path, help="its adapters (with --base)")
+    parser.add_argument("--no-snapshot", action="store_true", help="skip snapshot builds and drift")
     args = parser.parse_args(argv)
-    device = "cuda" if args.shape == "8b" else "cpu"
+    device = "cuda" if args.shape == "8b" or (args.shape == "1b" and torch.cuda.is_available()) else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--shape 8b needs CUDA")
+    args.device = device
     if device == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: more threads only contend
 
@@ -122,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             base, adapter_dir = args.base, args.adapter_dir
             names = sorted(p.name for p in adapter_dir.iterdir() if p.is_dir())
         else:
-            base, adapter_dir, names = make_8b(Path(tmp)) if args.shape == "8b" else demo()
+            made = args.shape != "demo"
+            base, adapter_dir, names = make_random(Path(tmp), args.shape, device) if made else demo()
         loader = nf4_loader(base, device)
         model = loader()
         modules = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Linear" in type(m).__name__}
@@ -134,7 +193,13 @@ def main(argv: list[str] | None = None) -> int:
             max_lora_rank=64,
         )
         registry.scan()
-        result: dict[str, Any] = {"shape": args.shape, "device": device, "torch": torch.__version__}
+        machine = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+        result: dict[str, Any] = {
+            "shape": args.shape,
+            "device": device,
+            "machine": machine,
+            "torch": torch.__version__,
+        }
         per_adapter: dict[str, Any] = {}
         for name in names:
             # disk -> GPU: no CPU tier at all; CPU -> GPU: the state dict is already in host memory
@@ -145,8 +210,17 @@ def main(argv: list[str] | None = None) -> int:
             timed_load(warm, name, device)
             cpu = [timed_load(warm, name, device) for _ in range(args.repeats) if not _evict(warm)]
             warm.close()
+            stalls, model = promote_stalls(model, loader, registry, name, args)
             source = registry.get(name)
             assert source is not None
+            per_adapter[name] = {
+                "rank": source.rank,
+                "disk_to_gpu_ms": 1000 * statistics.median(disk),
+                "cpu_to_gpu_ms": 1000 * statistics.median(cpu),
+                "promote_engine_thread": stalls,
+            }
+            if args.no_snapshot:
+                continue
             t0 = time.perf_counter()
             merged = build_merged(loader, source)
             if device == "cuda":
@@ -157,10 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts = [[1, *range(10 + 7 * i, 30 + 7 * i)] for i in range(args.prompts)]
             drift = measure_drift(ref_store.model, lease.peft_name, merged, prompts, new_tokens=16)
             ref_store.close()
-            per_adapter[name] = {
-                "rank": source.rank,
-                "disk_to_gpu_ms": 1000 * statistics.median(disk),
-                "cpu_to_gpu_ms": 1000 * statistics.median(cpu),
+            per_adapter[name] |= {
                 "snapshot_build_s": build_s,
                 "drift": {
                     "max_abs_logit_diff": drift.max_abs_logit_diff,

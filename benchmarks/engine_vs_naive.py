@@ -76,6 +76,7 @@ class Report:
     machine: str
     torch: str
     cuda_graphs: bool
+    slot_lora: bool
     prompt_tokens: int
     new_tokens: int
     lora_rank: int
@@ -304,6 +305,7 @@ def benchmark(args: argparse.Namespace) -> Report:
         max_model_len=args.prompt_tokens + args.new_tokens + 16,
         store=store,
         cuda_graphs=args.cuda_graphs,
+        slot_lora={"auto": None, "on": True, "off": False}[args.slot_lora],
         max_lora_rank=args.rank,
     )
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -313,6 +315,7 @@ def benchmark(args: argparse.Namespace) -> Report:
         machine=machine,
         torch=torch.__version__,
         cuda_graphs=runner.graphs is not None,
+        slot_lora=runner.slot_lora is not None,
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         lora_rank=args.rank,
@@ -363,15 +366,19 @@ def benchmark(args: argparse.Namespace) -> Report:
     finally:
         engine.stop()
 
-    # naive: the store's PeftModel with PEFT's own LoRA layers back on
+    # naive: the store's PeftModel with PEFT's own LoRA layers back on (slot-served adapters are put into
+    # the PeftModel first: with slot LoRA the store never injects them)
+    resident = {a.name for a in store.adapters() if a.tier == "gpu"}
+    peft = store.model
+    for name in names:
+        if name in resident:
+            peft = store.materialize(_key(store, name))
     if runner.slot_lora is not None:
         runner.slot_lora.enabled = False
-    peft = store.model
     for n_adapters in args.adapters:
         # with --gpu-slots, only the resident adapters can be set; one request at a time runs the same
         # whichever adapter it names
-        resident = getattr(peft, "peft_config", {})
-        keys = [k for k in (_key(store, n) for n in names[:n_adapters]) if k in resident]
+        keys = [_key(store, n) for n in names[:n_adapters] if n in resident]
         tps = run_naive(peft, keys, args.prompt_tokens, args.naive_tokens, args.naive_requests, vocab)
         report.naive[f"adapters{n_adapters}"] = tps
         log.info("naive over %d adapters: %.1f tok/s", n_adapters, tps)
@@ -429,6 +436,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--step-repeats", type=int, default=30)
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false")
+    p.add_argument(
+        "--slot-lora", choices=("auto", "on", "off"), default="auto", help="auto: on with CUDA graphs"
+    )
     p.add_argument("--gpu-slots", type=int, default=0, help="adapters resident at once (default: all)")
     p.add_argument("--cold", action="store_true", help="no warm-up: adapter loads and graph captures count")
     p.add_argument("--out", type=Path, default=Path("engine_vs_naive.json"))

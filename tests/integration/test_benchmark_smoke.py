@@ -1,21 +1,48 @@
-"""``benchmarks/engine_vs_naive.py --shape demo`` runs end to end on the CPU with tiny sizes."""
+"""The benchmarks run end to end on the CPU with tiny sizes (``--shape demo``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
+
+from benchmarks import adapter_load
 from benchmarks.engine_vs_naive import main
 
 
-def test_engine_vs_naive_demo_writes_json_and_plot(tmp_path: Path) -> None:
+@pytest.mark.parametrize("slot_lora", ["off", "on"])  # on: the CUDA path's routing and its naive fallback
+def test_engine_vs_naive_demo_writes_json_and_plot(tmp_path: Path, slot_lora: str) -> None:
     out = tmp_path / "bench.json"
     args = "--shape demo --device cpu --streams 1 2 --adapters 1 2 --prompt-tokens 6 --new-tokens 4"
-    main([*args.split(), "--naive-tokens", "3", "--naive-requests", "1", "--out", str(out)])
+    main(
+        [
+            *args.split(),
+            "--naive-tokens",
+            "3",
+            "--naive-requests",
+            "1",
+            "--slot-lora",
+            slot_lora,
+            "--out",
+            str(out),
+        ]
+    )
     data = json.loads(out.read_text())
+    assert data["slot_lora"] == (slot_lora == "on")
     assert out.with_suffix(".png").stat().st_size > 0
     assert [(r["streams"], r["adapters"]) for r in data["engine"]] == [(1, 1), (2, 1), (2, 2)]
     for r in data["engine"]:
         assert r["output_tokens"] == 4 * r["streams"]
         assert r["tokens_per_s"] > 0 and r["naive_tokens_per_s"] > 0 and r["ratio"] > 0
     assert data["machine"] and data["naive"].keys() == {"adapters1", "adapters2"}
+
+
+def test_adapter_load_demo_measures_the_promotion_stall(tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    assert adapter_load.main(["--shape", "demo", "--repeats", "1", "--no-snapshot", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["device"] == "cpu" and data["adapters"]
+    for figures in data["adapters"].values():
+        stall = figures["promote_engine_thread"]
+        assert stall["peft_ms"] > 0 and stall["slots_ms"] > 0 and "snapshot_build_s" not in figures
