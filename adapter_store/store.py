@@ -402,7 +402,7 @@ class AdapterStore:
             del self._wanted[key]
             t0 = time.perf_counter()
             listener = self._gpu_listener
-            in_peft = listener is None or not listener.on_gpu_enter(key, self._prepared(listener, loaded))
+            in_peft = listener is None or not self._listener_takes(listener, key, loaded)
             if in_peft:
                 try:
                     self._peft = inject(self._peft, self._base, loaded, key)
@@ -417,6 +417,14 @@ class AdapterStore:
         self._obs.on_adapter_load("gpu", time.perf_counter() - t0)
         self._obs.on_adapter_resident(loaded.source.name, "gpu", True)
         return True
+
+    @staticmethod
+    def _listener_takes(listener: GpuTierListener, key: str, loaded: LoadedAdapter) -> bool:
+        try:
+            return listener.on_gpu_enter(key, AdapterStore._prepared(listener, loaded))
+        except Exception:  # e.g. out of device memory for new slot tensors: PEFT's path may still fit
+            log.exception("the GPU tier listener failed on adapter %s; it runs on PEFT's forward", key)
+            return False
 
     def _evict_gpu(self, key: str) -> None:
         entry = self._gpu.pop(key)

@@ -151,11 +151,15 @@ class SlotLoRA:
         elif slot is None:
             self._unsupported[key] = f"all {self.num_slots} LoRA slots are taken"
         else:
-            for name, a, b in weights.layers:
-                layer = self._layer(self._linears[name])
-                layer.lora_a[slot].copy_(a, non_blocking=True)  # whole padded rows: no stale rank left
-                layer.lora_b[slot].copy_(b, non_blocking=True)
-                layer.used_by.add(slot)
+            try:
+                for name, a, b in weights.layers:
+                    layer = self._layer(self._linears[name])
+                    layer.used_by.add(slot)
+                    layer.lora_a[slot].copy_(a, non_blocking=True)  # whole padded rows: no stale rank left
+                    layer.lora_b[slot].copy_(b, non_blocking=True)
+            except BaseException:
+                self._clear(slot)  # a half-filled slot must not leak into the next adapter that takes it
+                raise
             self._slots[key] = slot
             return True
         log.warning("adapter %s runs on PEFT's forward: %s", key, self._unsupported[key])
@@ -165,13 +169,8 @@ class SlotLoRA:
         """Adapter ``key`` left the GPU tier: zero its slot everywhere and free it."""
         self._unsupported.pop(key, None)
         slot = self._slots.pop(key, None)
-        if slot is None:
-            return
-        for layer in self._layers.values():
-            if slot in layer.used_by:
-                layer.lora_a[slot].zero_()
-                layer.lora_b[slot].zero_()
-                layer.used_by.discard(slot)
+        if slot is not None:
+            self._clear(slot)
 
     def on_peft_change(self, peft_model: torch.nn.Module | None) -> None:
         """The PeftModel gained or lost an adapter: follow its LoRA layers (switched off while enabled)."""
@@ -283,6 +282,13 @@ class SlotLoRA:
             packed.append((name, pa, pb))
             offset += size
         return tuple(packed)
+
+    def _clear(self, slot: int) -> None:
+        for layer in self._layers.values():
+            if slot in layer.used_by:
+                layer.lora_a[slot].zero_()
+                layer.lora_b[slot].zero_()
+                layer.used_by.discard(slot)
 
     def _layer(self, base: torch.nn.Module) -> _LayerSlots:
         layer = self._layers.get(base)

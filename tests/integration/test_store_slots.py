@@ -173,3 +173,49 @@ def test_listener_set_late_takes_resident_adapters(bundle: Bundle, tmp_path: Pat
 def test_load_workers_must_be_positive(bundle: Bundle, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="load_workers"):
         make_store(bundle, tmp_path, load_workers=0)
+
+
+class FailingSlots(Spy):
+    """Injected fault: allocating the slot tensors of a new layer fails after some layers were filled."""
+
+    def __init__(self, model: torch.nn.Module, fail_after: int, **kwargs: object) -> None:
+        super().__init__(model, **kwargs)
+        self.fail_after = fail_after
+
+    def _layer(self, base: torch.nn.Module):  # type: ignore[no-untyped-def]
+        if base not in self._layers and len(self._layers) >= self.fail_after:
+            raise torch.OutOfMemoryError("injected: no memory for another layer's slot tensors")
+        return super()._layer(base)
+
+
+def test_a_failing_slot_fill_falls_back_to_peft_and_leaves_the_slot_clean(
+    bundle: Bundle, tmp_path: Path
+) -> None:
+    store, _ = make_store(bundle, tmp_path, max_gpu_adapters=1, max_cpu_adapters=3)
+    try:
+        slots = FailingSlots(
+            store.model, 5, num_slots=1, r_max=16, dtype=torch.float32, device=torch.device("cpu")
+        )
+        slots.enabled = True
+        store.set_gpu_listener(slots)
+        lease = wait_acquire(store, "alpha")  # q and v of 2 layers: 4 layers, fits
+        assert slots.supports(lease.peft_name)
+        store.release(lease)
+        lease = wait_acquire(
+            store, "beta"
+        )  # all 7 projections: fills layer 0 down_proj (a new layer), fails on gate_proj
+        assert not slots.supports(lease.peft_name)
+        assert lease.peft_name in store.model.peft_config  # served by PEFT instead
+        slots.enabled = False
+        try:
+            assert [greedy(store.model, p, N_NEW, [lease.peft_name]) for p in PROMPTS] == bundle.refs["beta"]
+        finally:
+            slots.enabled = True
+        store.release(lease)
+        lease = wait_acquire(store, "alpha")  # back into the slot beta half-filled: nothing of beta left
+        assert slots.supports(lease.peft_name)
+        with slots.routing(torch.tensor([slots.slot_of(lease.peft_name)])):
+            assert [greedy(store.model, p, N_NEW) for p in PROMPTS] == bundle.refs["alpha"]
+        store.release(lease)
+    finally:
+        store.close()
