@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -106,56 +107,63 @@ def wait_lease(store: AdapterStore, name: str) -> Lease:
     return lease
 
 
-def timed_load(store: AdapterStore, name: str, device: str) -> float:
-    """Seconds from the first acquire to a runnable lease (includes the loader thread's work)."""
+def timed_entry(store: AdapterStore, name: str, device: str) -> tuple[float, float]:
+    """(seconds from the first acquire to a runnable lease, the longest single ``sync`` on the way): the
+    first includes the loader thread's work; the second is the engine thread's stall while ``name`` enters
+    the GPU tier (every other stream's decoding waits that long)."""
+    stall = 0.0
     t0 = time.perf_counter()
-    lease = wait_lease(store, name)
+    while (lease := store.acquire(name)) is None:
+        t1 = time.perf_counter()
+        store.sync()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        stall = max(stall, time.perf_counter() - t1)
+        time.sleep(0.0005)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     store.release(lease)
-    return seconds
+    return seconds, stall
 
 
-def timed_stall(store: AdapterStore, name: str, device: str) -> float:
-    """Seconds the engine thread spends in the ``sync`` that moves ``name`` from the CPU tier to the GPU
-    tier (the decoding of every other stream waits that long)."""
-    stall = 0.0
-    while (lease := store.acquire(name)) is None:
-        t0 = time.perf_counter()
-        store.sync()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        stall = max(stall, time.perf_counter() - t0)
-        time.sleep(0.0005)
-    store.release(lease)
-    return stall
-
-
-def promote_stalls(
+def store_figures(
     model: PreTrainedModel,
     loader: Callable[[], PreTrainedModel],
     registry: AdapterRegistry,
     name: str,
     args: Any,
-) -> tuple[dict[str, float], PreTrainedModel]:
-    """Median engine-thread stall per CPU -> GPU entry: PEFT injection (the CPU serving path) vs slot LoRA
-    (the CUDA serving path: copies into slot tensors prepared on the loader thread)."""
-    stalls: dict[str, float] = {}
+) -> tuple[dict[str, dict[str, float]], PreTrainedModel]:
+    """Disk -> GPU (no CPU tier), CPU -> GPU (state dict already in host memory) and the engine thread's
+    stall per GPU-tier entry, medians over ``args.repeats``, for both ways into the GPU tier: PEFT injection
+    (the CPU serving path) and slot LoRA (the CUDA serving path: copies of slot tensors that the loader
+    thread prepared). Each store gets a fresh base (stores and slot hooks change it in place)."""
+    figures: dict[str, dict[str, float]] = {}
     for mode in ("peft", "slots"):
-        model = _fresh(model, loader)
-        store = AdapterStore(model, registry, max_gpu_adapters=1, max_cpu_adapters=4)
-        if mode == "slots":
-            dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-            slots = SlotLoRA(model, num_slots=1, r_max=16, dtype=dtype, device=torch.device(args.device))
-            slots.enabled = True
-            store.set_gpu_listener(slots)
-        timed_stall(store, name, args.device)  # the disk read: into the CPU tier
-        runs = [timed_stall(store, name, args.device) for _ in range(args.repeats) if not _evict(store)]
-        store.close()
-        stalls[f"{mode}_ms"] = 1000 * statistics.median(runs)
-    stalls["peft_over_slots"] = stalls["peft_ms"] / stalls["slots_ms"]
-    return stalls, model
+        timings: dict[str, list[tuple[float, float]]] = {}
+        for tier, cpu_tier in (("disk", 0), ("cpu", 4)):
+            model = _fresh(model, loader)
+            store = AdapterStore(model, registry, max_gpu_adapters=1, max_cpu_adapters=cpu_tier)
+            if mode == "slots":
+                dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+                rank = registry.get(name).rank  # type: ignore[union-attr]
+                slots = SlotLoRA(
+                    model, num_slots=1, r_max=rank, dtype=dtype, device=torch.device(args.device)
+                )
+                slots.enabled = True
+                store.set_gpu_listener(slots)
+            if tier == "cpu":
+                timed_entry(store, name, args.device)  # the one disk read: into the CPU tier
+            timings[tier] = [
+                timed_entry(store, name, args.device) for _ in range(args.repeats) if not _evict(store)
+            ]
+            store.close()
+        figures[mode] = {
+            "disk_to_gpu_ms": 1000 * statistics.median(t for t, _ in timings["disk"]),
+            "cpu_to_gpu_ms": 1000 * statistics.median(t for t, _ in timings["cpu"]),
+            "engine_stall_ms": 1000 * statistics.median(s for _, s in timings["cpu"]),
+        }
+    return figures, model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             max_lora_rank=64,
         )
         registry.scan()
-        machine = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+        machine = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
         result: dict[str, Any] = {
             "shape": args.shape,
             "device": device,
@@ -202,23 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         per_adapter: dict[str, Any] = {}
         for name in names:
-            # disk -> GPU: no CPU tier at all; CPU -> GPU: the state dict is already in host memory
-            cold = AdapterStore(model, registry, max_gpu_adapters=1, max_cpu_adapters=0)
-            disk = [timed_load(cold, name, device) for _ in range(args.repeats) if not _evict(cold)]
-            cold.close()
-            warm = AdapterStore(_fresh(model, loader), registry, max_gpu_adapters=1, max_cpu_adapters=4)
-            timed_load(warm, name, device)
-            cpu = [timed_load(warm, name, device) for _ in range(args.repeats) if not _evict(warm)]
-            warm.close()
-            stalls, model = promote_stalls(model, loader, registry, name, args)
+            figures, model = store_figures(model, loader, registry, name, args)
             source = registry.get(name)
             assert source is not None
-            per_adapter[name] = {
-                "rank": source.rank,
-                "disk_to_gpu_ms": 1000 * statistics.median(disk),
-                "cpu_to_gpu_ms": 1000 * statistics.median(cpu),
-                "promote_engine_thread": stalls,
-            }
+            stall = figures["peft"]["engine_stall_ms"] / figures["slots"]["engine_stall_ms"]
+            per_adapter[name] = {"rank": source.rank, **figures, "engine_stall_peft_over_slots": stall}
             if args.no_snapshot:
                 continue
             t0 = time.perf_counter()
@@ -247,6 +243,19 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(text)
     print(text)
     return 0
+
+
+def _cpu_name() -> str:
+    """E.g. "x86_64 AMD EPYC, 2 cores" (platform.processor() is empty on most Linux systems)."""
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model
+            )
+    except OSError:
+        pass
+    return f"{platform.machine()} {model or 'cpu'}, {os.cpu_count()} cores"
 
 
 def _evict(store: AdapterStore) -> bool:

@@ -44,5 +44,7 @@ def test_adapter_load_demo_measures_the_promotion_stall(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["device"] == "cpu" and data["adapters"]
     for figures in data["adapters"].values():
-        stall = figures["promote_engine_thread"]
-        assert stall["peft_ms"] > 0 and stall["slots_ms"] > 0 and "snapshot_build_s" not in figures
+        for mode in ("peft", "slots"):
+            assert figures[mode].keys() == {"disk_to_gpu_ms", "cpu_to_gpu_ms", "engine_stall_ms"}
+            assert all(v > 0 for v in figures[mode].values())
+        assert figures["engine_stall_peft_over_slots"] > 0 and "snapshot_build_s" not in figures
