@@ -285,6 +285,22 @@ class AdapterStore:
             self._dirty.set()
             return self._info(source)
 
+    def preload(self, names: list[str] | None = None) -> int:
+        """Start reading registered adapters (all, or ``names``, in order) into the CPU tier, as many as it
+        has room for, so that their first request skips the disk. Returns how many loads started."""
+        with self._lock:
+            room = self._max_cpu - len(self._cpu) - len(self._loading)
+            started = 0
+            for name in self.registry.names() if names is None else names:
+                source = self.registry.peek(name)
+                if started >= room or source is None:
+                    continue
+                key = peft_name(source.name, source.digest)
+                if key not in self._gpu and key not in self._cpu and key not in self._loading:
+                    self._start_load(source)
+                    started += 1
+            return started
+
     def unload(self, name: str) -> None:
         """Unregister ``name``; its GPU copy goes once unpinned, its CPU copy at once."""
         self.registry.unregister(name)

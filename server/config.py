@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     adapter_dir: Path | None = Field(None, description="folder of adapter folders (name = folder name)")
     max_gpu_adapters: int = Field(8, ge=1, description="adapters resident in the model")
     max_cpu_adapters: int = Field(32, ge=0, description="adapters kept as host state dicts")
+    preload_adapters: bool = Field(
+        False, description="read registered adapters into the CPU tier at startup (up to --max-cpu-adapters)"
+    )
     adapter_load_workers: int = Field(
         4, ge=1, le=64, description="threads reading, hashing and preparing adapters off disk"
     )

@@ -8,6 +8,7 @@ the slot path's different float32 summation order (differences ~1e-6 in the logi
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -22,7 +23,9 @@ from server.runtime import model_runner
 PROMPTS = ["Tell me about the cat.", "What does the dog eat?", "Hello", "Where does the owl live?"]
 
 
-def _engine(demo_bundle, *, slot_lora: bool, max_gpu_adapters: int) -> tuple[AsyncEngine, object]:  # type: ignore[no-untyped-def]
+def _engine(
+    demo_bundle, *, slot_lora: bool, max_gpu_adapters: int, **more: object
+) -> tuple[AsyncEngine, object]:  # type: ignore[no-untyped-def]
     settings = Settings(
         device="cpu",
         demo_dir=demo_bundle.root.parent,
@@ -30,6 +33,7 @@ def _engine(demo_bundle, *, slot_lora: bool, max_gpu_adapters: int) -> tuple[Asy
         max_model_len=256,
         max_gpu_adapters=max_gpu_adapters,
         max_loras_per_batch=max_gpu_adapters,
+        **more,  # type: ignore[arg-type]
     )
     plain = model_runner.ModelRunner
 
@@ -129,3 +133,22 @@ def test_decode_graph_step_equals_eager_decode(engines, demo_bundle) -> None:  #
         runner.graphs = None
     assert after == before
     assert together == _run(peft, reqs)
+
+
+def test_preloaded_adapters_wait_in_the_cpu_tier_in_slot_form(engines, demo_bundle) -> None:  # type: ignore[no-untyped-def]
+    from server.runtime.slot_lora import SlotWeights
+
+    _, peft = engines
+    engine, store = _engine(demo_bundle, slot_lora=True, max_gpu_adapters=2, preload_adapters=True)
+    engine.start()
+    try:
+        deadline = time.monotonic() + 60
+        while {a.tier for a in store.adapters()} != {"cpu"}:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "preload never finished"
+            time.sleep(0.05)
+        assert all(isinstance(a.prepared, SlotWeights) for a in store._cpu.values())  # type: ignore[attr-defined]
+        reqs = [(PROMPTS[0], demo_bundle.adapter_names[1], 8), (PROMPTS[1], None, 8)]
+        assert _run(engine, reqs) == _run(peft, reqs)
+    finally:
+        engine.stop()
+        store.close()  # type: ignore[attr-defined]

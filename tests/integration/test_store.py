@@ -175,6 +175,24 @@ def test_cpu_tier_makes_reloads_skip_the_disk(store_factory: Callable, bundle: B
     assert rec.events.count(("load", "cpu")) == 3 and rec.events.count(("load", "gpu")) == 6
 
 
+def test_preload_fills_the_cpu_tier_before_any_request(store_factory: Callable, bundle: Bundle) -> None:
+    store, rec = store_factory(max_gpu_adapters=1, max_cpu_adapters=2)
+    assert store.preload(["nope", "gamma"]) == 1  # an unknown name is skipped
+    assert store.preload() == 1  # room for one more: the first by name
+    deadline = time.monotonic() + 30
+    while {a.name: a.tier for a in store.adapters()} != {"alpha": "cpu", "beta": "disk", "gamma": "cpu"}:
+        assert time.monotonic() < deadline, "preload never finished"
+        store.sync()
+        time.sleep(0.01)
+    assert store.preload() == 0  # full
+    preloaded = [a.name for a in store.adapters() if a.tier == "cpu"]
+    for name in preloaded:
+        lease = wait_acquire(store, name)
+        assert run(store, lease, PROMPTS[0]) == bundle.refs[name][0]
+        store.release(lease)
+    assert rec.events.count(("load", "cpu")) == 2  # the requests found them in host memory
+
+
 def test_mixed_batch_rows(store_factory: Callable, bundle: Bundle) -> None:
     store, _ = store_factory(max_gpu_adapters=3, max_cpu_adapters=0)
     leases = [wait_acquire(store, n) for n in SPECS]
