@@ -333,6 +333,14 @@ def benchmark(args: argparse.Namespace) -> Report:
             max_num_batched_tokens=max(4096, args.prompt_tokens * 16), max_loras_per_batch=gpu_slots
         ),
     )
+    if args.preload:  # cold for the GPU tier only: every adapter waits in host memory (slot form with slots)
+        store.preload()
+        deadline = time.monotonic() + 600
+        while sum(a.tier == "cpu" for a in store.adapters()) < len(names):
+            if time.monotonic() > deadline:
+                raise RuntimeError("--preload: adapters did not all reach the CPU tier in 10 minutes")
+            store.sync()
+            time.sleep(0.01)
     engine.start()
     gen = torch.Generator().manual_seed(2)
     try:
@@ -441,6 +449,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--gpu-slots", type=int, default=0, help="adapters resident at once (default: all)")
     p.add_argument("--cold", action="store_true", help="no warm-up: adapter loads and graph captures count")
+    p.add_argument("--preload", action="store_true", help="read every adapter into the CPU tier first")
     p.add_argument("--out", type=Path, default=Path("engine_vs_naive.json"))
     return p.parse_args(argv)
 

@@ -11,10 +11,11 @@ from benchmarks import adapter_load
 from benchmarks.engine_vs_naive import main
 
 
-@pytest.mark.parametrize("slot_lora", ["off", "on"])  # on: the CUDA path's routing and its naive fallback
-def test_engine_vs_naive_demo_writes_json_and_plot(tmp_path: Path, slot_lora: str) -> None:
+# slot LoRA on: the CUDA path's routing and its naive fallback; --cold --preload: adapters start in host memory
+@pytest.mark.parametrize(("slot_lora", "extra"), [("off", ""), ("on", " --cold --preload")])
+def test_engine_vs_naive_demo_writes_json_and_plot(tmp_path: Path, slot_lora: str, extra: str) -> None:
     out = tmp_path / "bench.json"
-    args = "--shape demo --device cpu --streams 1 2 --adapters 1 2 --prompt-tokens 6 --new-tokens 4"
+    args = "--shape demo --device cpu --streams 1 2 --adapters 1 2 --prompt-tokens 6 --new-tokens 4" + extra
     main(
         [
             *args.split(),
