@@ -56,19 +56,23 @@ def _lora_init(model: torch.nn.Module, seed: int) -> None:
             param.data.copy_(torch.randn(param.shape, generator=gen) * 0.1)
 
 
-@pytest.fixture(scope="module")
-def peft_model() -> PeftModel:
-    torch.manual_seed(0)
+def _tiny_llama(layers: int) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=48,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    base = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def peft_model() -> PeftModel:
+    torch.manual_seed(0)
+    base = _tiny_llama(layers=2)
     model: PeftModel | None = None
     for i, (name, kwargs) in enumerate(ADAPTERS.items()):
         cfg = LoraConfig(lora_dropout=0.0, **kwargs)  # type: ignore[arg-type]
@@ -237,16 +241,7 @@ def test_prepare_refuses_lora_variants_and_extras(peft_model: PeftModel, field: 
 
 def test_prepare_pads_scales_and_needs_no_peft_wrapping() -> None:
     # a plain (never PEFT-wrapped) base: the store's slot path puts adapters in without PEFT
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    ).eval()
+    base = _tiny_llama(layers=1)
     slots = SlotLoRA(base, num_slots=2, r_max=8, dtype=torch.float32, device=torch.device("cpu"))
     a = torch.randn(4, 32)
     b = torch.randn(32, 4)
