@@ -56,11 +56,14 @@ class GpuTierListener(Protocol):
     """Serves GPU-tier adapters outside the PeftModel, e.g. ``server.runtime.slot_lora.SlotLoRA`` holding
     their weights in graph-friendly slot tensors.
 
-    ``prepare`` runs on a loader thread (it must be thread-safe); the others on the engine thread, inside
-    ``sync``. ``on_gpu_enter`` returns False when the listener cannot serve the adapter: the store then puts
-    it into the PeftModel, and ``on_peft_change`` follows the PeftModel's adapters."""
+    ``prepare`` and ``serves`` run on a loader thread (they must be thread-safe); the others on the engine
+    thread, inside ``sync``. ``on_gpu_enter`` returns False when the listener cannot serve the adapter: the
+    store then puts it into the PeftModel, and ``on_peft_change`` follows the PeftModel's adapters. When
+    ``serves`` says the prepared form will do, the CPU tier keeps only that form (no PEFT state dict) and
+    reads the files again if PEFT ever needs the adapter."""
 
     def prepare(self, config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> object: ...
+    def serves(self, prepared: object) -> bool: ...
     def on_gpu_enter(self, key: str, prepared: object) -> bool: ...
     def on_gpu_leave(self, key: str) -> None: ...
     def on_peft_change(self, peft_model: torch.nn.Module | None) -> None: ...
@@ -197,19 +200,18 @@ class AdapterStore:
             return
         listener.on_peft_change(self._peft)
         for key, entry in self._gpu.items():
-            loaded = self._cpu.get(key)
-            if loaded is None:
-                loaded = read_adapter(entry.source)
+            loaded = self._cpu.get(key) or self._reread(entry.source)
             listener.on_gpu_enter(key, self._prepared(listener, loaded))
 
     def materialize(self, key: str) -> PeftModelForCausalLM:
         """Put GPU-tier adapter version ``key`` (a ``Lease.peft_name``) into the PeftModel if only the GPU
         tier listener holds it, so PEFT's own forward can run it (the reference path); returns the PeftModel.
-        Engine thread; reads the adapter again if the CPU tier dropped it. KeyError: not on the GPU tier."""
+        Engine thread; reads the adapter again if the CPU tier holds no PEFT copy of it. KeyError: not on the
+        GPU tier; AdapterLoadError: its files are gone or changed, or PEFT refuses it."""
         with self._lock:
             entry = self._gpu[key]
             if not entry.in_peft:
-                loaded = self._cpu.get(key) or read_adapter(entry.source)
+                loaded = self._with_weights(self._cpu.get(key) or self._reread(entry.source))
                 with self._construct_lock:
                     self._peft = inject(self._peft, self._base, loaded, key)
                 entry.in_peft = True
@@ -385,16 +387,26 @@ class AdapterStore:
         """Loader thread: disk -> host state dict (pinned on CUDA unless a listener takes the adapter in its
         own form, which it then prepares here too)."""
         loaded = read_adapter(source, pin_memory=self._pin and listener is None)
-        if listener is not None:
-            self._prepared(listener, loaded)
+        if listener is not None and listener.serves(self._prepared(listener, loaded)):
+            loaded.state_dict = {}  # the prepared form is all the GPU tier needs: half the host memory or less
         return loaded
 
-    @staticmethod
-    def _prepared(listener: GpuTierListener, loaded: LoadedAdapter) -> object:
+    def _prepared(self, listener: GpuTierListener, loaded: LoadedAdapter) -> object:
         if loaded.prepared_by is not listener:
-            loaded.prepared = listener.prepare(loaded.config, loaded.state_dict)
+            loaded.prepared = listener.prepare(loaded.config, self._with_weights(loaded).state_dict)
             loaded.prepared_by = listener
         return loaded.prepared
+
+    def _with_weights(self, loaded: LoadedAdapter) -> LoadedAdapter:
+        """``loaded`` if it still holds its PEFT state dict, else the same version read again from disk."""
+        return loaded if loaded.state_dict else self._reread(loaded.source)
+
+    @staticmethod
+    def _reread(source: AdapterSource) -> LoadedAdapter:
+        loaded = read_adapter(source)
+        if loaded.digest != source.digest:
+            raise AdapterLoadError(f"adapter {source.name!r} changed on disk since it was loaded", status=409)
+        return loaded
 
     def _fail(self, source: AdapterSource, error: AdapterLoadError) -> None:
         log.warning("adapter %s: %s", source.name, error)
@@ -421,7 +433,7 @@ class AdapterStore:
             in_peft = listener is None or not self._listener_takes(listener, key, loaded)
             if in_peft:
                 try:
-                    self._peft = inject(self._peft, self._base, loaded, key)
+                    self._peft = inject(self._peft, self._base, self._with_weights(loaded), key)
                 except AdapterLoadError as e:
                     self._fail(loaded.source, e)
                     return True
@@ -434,10 +446,9 @@ class AdapterStore:
         self._obs.on_adapter_resident(loaded.source.name, "gpu", True)
         return True
 
-    @staticmethod
-    def _listener_takes(listener: GpuTierListener, key: str, loaded: LoadedAdapter) -> bool:
+    def _listener_takes(self, listener: GpuTierListener, key: str, loaded: LoadedAdapter) -> bool:
         try:
-            return listener.on_gpu_enter(key, AdapterStore._prepared(listener, loaded))
+            return listener.on_gpu_enter(key, self._prepared(listener, loaded))
         except Exception:  # e.g. out of device memory for new slot tensors: PEFT's path may still fit
             log.exception("the GPU tier listener failed on adapter %s; it runs on PEFT's forward", key)
             return False

@@ -139,6 +139,10 @@ class SlotLoRA:
         except UnsupportedAdapterError as e:
             return SlotWeights(unsupported=str(e))
 
+    def serves(self, weights: object) -> bool:
+        """Whether ``on_gpu_enter`` takes ``weights`` (free slots aside). Thread-safe."""
+        return isinstance(weights, SlotWeights) and weights.unsupported is None
+
     def on_gpu_enter(self, key: str, weights: object) -> bool:
         """Adapter ``key`` entered the GPU tier: copy its prepared weights into a free slot. False: the slots
         cannot hold it (the reason is logged and kept for ``slot_of``), so its rows need PEFT's forward."""

@@ -219,3 +219,33 @@ def test_a_failing_slot_fill_falls_back_to_peft_and_leaves_the_slot_clean(
         store.release(lease)
     finally:
         store.close()
+
+
+def test_cpu_tier_keeps_only_the_slot_form(
+    slot_store: Callable[..., tuple[AdapterStore, Spy]], bundle: Bundle, tmp_path: Path
+) -> None:
+    from adapter_store import AdapterLoadError
+
+    store, slots = slot_store(max_gpu_adapters=3, max_cpu_adapters=3)
+    folder = _bias_adapter(bundle, tmp_path / "adapters" / "biased")
+    store.load("biased", folder)
+    leases = {name: wait_acquire(store, name) for name in ("alpha", "biased")}
+    held = {a.source.name: a for a in store._cpu.values()}  # the CPU tier's copies
+    assert not held["alpha"].state_dict and slots.serves(held["alpha"].prepared)  # slot form only
+    assert held["biased"].state_dict and not slots.serves(held["biased"].prepared)  # PEFT needs it
+    # materialize reads alpha's files again, and refuses if they changed in between
+    peft = store.materialize(leases["alpha"].peft_name)
+    slots.enabled = False
+    try:
+        assert [greedy(peft, p, N_NEW, [leases["alpha"].peft_name]) for p in PROMPTS] == bundle.refs["alpha"]
+    finally:
+        slots.enabled = True
+    beta = wait_acquire(store, "beta")
+    weights = tmp_path / "adapters" / "beta" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # same size, other bytes
+    with pytest.raises(AdapterLoadError, match="changed on disk") as refused:
+        store.materialize(beta.peft_name)
+    assert refused.value.status == 409
+    assert slots.supports(beta.peft_name) and beta.peft_name not in peft.peft_config  # nothing half-done
+    for lease in (*leases.values(), beta):
+        store.release(lease)
