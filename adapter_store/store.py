@@ -415,30 +415,31 @@ class AdapterStore:
     def _promote(self, key: str) -> bool:
         """CPU tier -> GPU tier listener, or the PeftModel if the listener refuses it (or none is set),
         evicting the LRU unpinned GPU adapter if full. False if it must wait: every GPU slot is pinned, or
-        a snapshot build holds the construction lock."""
-        if not self._construct_lock.acquire(blocking=False):
-            self._dirty.set()  # retry at the next sync
-            return False
-        try:
-            while len(self._gpu) >= self._max_gpu:
-                victim = next((e.key for e in self._gpu.values() if e.pins <= 0), None)
-                if victim is None:
-                    return False
-                self._evict_gpu(victim)
-            loaded = self._cpu[key]
-            self._cpu.move_to_end(key)
-            del self._wanted[key]
-            t0 = time.perf_counter()
-            listener = self._gpu_listener
-            in_peft = listener is None or not self._listener_takes(listener, key, loaded)
-            if in_peft:
-                try:
-                    self._peft = inject(self._peft, self._base, self._with_weights(loaded), key)
-                except AdapterLoadError as e:
-                    self._fail(loaded.source, e)
-                    return True
-        finally:
-            self._construct_lock.release()
+        it needs the PeftModel while a snapshot build holds the construction lock (the listener's path
+        constructs no module, so a snapshot build never holds it up)."""
+        while len(self._gpu) >= self._max_gpu:
+            victim = next((e.key for e in self._gpu.values() if e.pins <= 0), None)
+            if victim is None:
+                return False
+            self._evict_gpu(victim)
+        loaded = self._cpu[key]
+        t0 = time.perf_counter()
+        listener = self._gpu_listener
+        in_peft = listener is None or not self._listener_takes(listener, key, loaded)
+        if in_peft:
+            if not self._construct_lock.acquire(blocking=False):
+                self._dirty.set()  # retry at the next sync
+                return False
+            try:
+                self._peft = inject(self._peft, self._base, self._with_weights(loaded), key)
+            except AdapterLoadError as e:
+                del self._wanted[key]
+                self._fail(loaded.source, e)
+                return True
+            finally:
+                self._construct_lock.release()
+        self._cpu.move_to_end(key)
+        del self._wanted[key]
         self._gpu[key] = _GpuEntry(loaded.source, key, in_peft)
         if in_peft and listener is not None:
             listener.on_peft_change(self._peft)

@@ -146,6 +146,7 @@ class SlotLoRA:
     def on_gpu_enter(self, key: str, weights: object) -> bool:
         """Adapter ``key`` entered the GPU tier: copy its prepared weights into a free slot. False: the slots
         cannot hold it (the reason is logged and kept for ``slot_of``), so its rows need PEFT's forward."""
+        refused_before = self._unsupported.get(key)
         self.on_gpu_leave(key)
         slot = next((s for s in range(self.num_slots) if s not in self._slots.values()), None)
         if not isinstance(weights, SlotWeights):
@@ -166,7 +167,10 @@ class SlotLoRA:
                 raise
             self._slots[key] = slot
             return True
-        log.warning("adapter %s runs on PEFT's forward: %s", key, self._unsupported[key])
+        if (
+            self._unsupported[key] != refused_before
+        ):  # the store retries while PEFT's path is busy: say it once
+            log.warning("adapter %s runs on PEFT's forward: %s", key, self._unsupported[key])
         return False
 
     def on_gpu_leave(self, key: str) -> None:

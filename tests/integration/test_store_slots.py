@@ -249,3 +249,19 @@ def test_cpu_tier_keeps_only_the_slot_form(
     assert slots.supports(beta.peft_name) and beta.peft_name not in peft.peft_config  # nothing half-done
     for lease in (*leases.values(), beta):
         store.release(lease)
+
+
+def test_a_snapshot_build_holds_up_only_peft_promotions(
+    slot_store: Callable[..., tuple[AdapterStore, Spy]], bundle: Bundle, tmp_path: Path
+) -> None:
+    store, slots = slot_store(max_gpu_adapters=2, max_cpu_adapters=2)
+    store.load("biased", _bias_adapter(bundle, tmp_path / "adapters" / "biased"))
+    with store._construct_lock:  # what a merged-snapshot build holds while it constructs its model
+        lease = wait_acquire(store, "alpha")  # the slot path constructs nothing: no wait
+        assert slots.supports(lease.peft_name)
+        with pytest.raises(TimeoutError):
+            wait_acquire(store, "biased", timeout=1.0)  # PEFT's path must wait for the lock
+    biased = wait_acquire(store, "biased")
+    assert biased.peft_name in store.model.peft_config
+    store.release(lease)
+    store.release(biased)
