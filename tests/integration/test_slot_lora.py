@@ -152,3 +152,12 @@ def test_preloaded_adapters_wait_in_the_cpu_tier_in_slot_form(engines, demo_bund
     finally:
         engine.stop()
         store.close()  # type: ignore[attr-defined]
+
+
+def test_concurrent_requests_over_more_adapters_than_slots(engines, demo_bundle) -> None:  # type: ignore[no-untyped-def]
+    """Three adapters and the base at once through two GPU slots: the third adapter waits, then takes a slot
+    freed mid-run while other rows keep decoding. Every output equals the reference."""
+    slot, peft = engines
+    names = [None, *demo_bundle.adapter_names]
+    reqs = [(PROMPTS[i % len(PROMPTS)], names[i % len(names)], 5 + 3 * (i % 3)) for i in range(10)]
+    assert _run(slot, reqs) == _run(peft, reqs)
