@@ -2,9 +2,9 @@
 background loads.
 
 Threading. ``acquire``, ``release``, ``sync``, ``model`` and ``materialize`` belong to the engine thread:
-only they touch the model. Disk reads run on a pool of loader threads; snapshot builds on another thread. ``load``, ``unload``, ``adapters``,
-``build_snapshot`` and ``retire_snapshot`` are safe from any thread: they only change bookkeeping, and the
-engine thread applies the change at its next ``sync``. One lock guards the bookkeeping; no model work runs
+only they touch the model. Disk reads run on a pool of loader threads; snapshot builds on another thread.
+``load``, ``unload``, ``preload``, ``adapters``, ``build_snapshot`` and ``retire_snapshot`` are safe from any
+thread: they only change bookkeeping, and the engine thread applies the change at its next ``sync``. One lock guards the bookkeeping; no model work runs
 under it except on the engine thread.
 
 Versions. Each version of an adapter lives in the PeftModel under its own name (``name@digest[:12]``).
@@ -294,8 +294,10 @@ class AdapterStore:
             room = self._max_cpu - len(self._cpu) - len(self._loading)
             started = 0
             for name in self.registry.names() if names is None else names:
+                if started >= room:
+                    break
                 source = self.registry.peek(name)
-                if started >= room or source is None:
+                if source is None:
                     continue
                 key = peft_name(source.name, source.digest)
                 if key not in self._gpu and key not in self._cpu and key not in self._loading:

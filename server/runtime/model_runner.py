@@ -315,14 +315,19 @@ class ModelRunner:
             self.store.set_gpu_listener(self.slot_lora)  # type: ignore[attr-defined]
         self.graphs: DecodeGraphs | None = None
         if use_graphs and (self.store is None or self.slot_lora is not None):
-            self.graphs = DecodeGraphs(
-                model=lambda: self._shared_model,
-                kv=self.kv,
-                sampler=self.sampler,
-                slot_lora=self.slot_lora,
-                num_slots=self._num_slots,
-                device=self.device,
-            )
+            self.graphs = self.new_decode_graphs()
+
+    def new_decode_graphs(self) -> DecodeGraphs:
+        """Decode graphs over this runner's model, KV cache, sampler and LoRA slots (off CUDA they run the
+        same buffers eagerly, which is how the CPU tests check the graph step)."""
+        return DecodeGraphs(
+            model=lambda: self._shared_model,
+            kv=self.kv,
+            sampler=self.sampler,
+            slot_lora=self.slot_lora,
+            num_slots=self._num_slots,
+            device=self.device,
+        )
 
     def _graphable(self, seqs: list[Sequence]) -> bool:
         """A decode step runs as a graph unless a row runs on a snapshot or on an adapter without a slot."""

@@ -167,9 +167,8 @@ class SlotLoRA:
                 raise
             self._slots[key] = slot
             return True
-        if (
-            self._unsupported[key] != refused_before
-        ):  # the store retries while PEFT's path is busy: say it once
+        # the store retries while PEFT's path is busy (a snapshot build): say it once
+        if self._unsupported[key] != refused_before:
             log.warning("adapter %s runs on PEFT's forward: %s", key, self._unsupported[key])
         return False
 

@@ -111,19 +111,10 @@ def test_slot_reuse_after_eviction(engines, demo_bundle) -> None:  # type: ignor
 def test_decode_graph_step_equals_eager_decode(engines, demo_bundle) -> None:  # type: ignore[no-untyped-def]
     """The graph step's buffers and tensor work (run eagerly on the CPU: no capture there) give the same
     greedy tokens as the runner's eager decode, for a batch with holes (free slots) and mixed adapters."""
-    from server.runtime.cuda_graphs import DecodeGraphs
-
     slot, peft = engines
     runner = slot.runner
     before = _run(slot, [(PROMPTS[1], None, 12), (PROMPTS[3], demo_bundle.adapter_names[0], 12)])
-    runner.graphs = DecodeGraphs(
-        model=lambda: runner._shared_model,
-        kv=runner.kv,
-        sampler=runner.sampler,
-        slot_lora=runner.slot_lora,
-        num_slots=runner.num_slots,
-        device=runner.device,
-    )
+    runner.graphs = runner.new_decode_graphs()
     try:
         reqs = [(PROMPTS[i % 4], [None, demo_bundle.adapter_names[0]][i % 2], 6 + 3 * i) for i in range(5)]
         together = _run(slot, reqs)
