@@ -28,17 +28,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     assert process.terminate() == 0, process.log_tail()
 
 
-@pytest.fixture(scope="module")
-def http(server: ServerProcess) -> Iterator[httpx.Client]:
-    with server.http() as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def base_id(http: httpx.Client) -> str:
-    return str(next(m["id"] for m in http.get("/v1/models").json()["data"] if m.get("parent") is None))
-
-
 def aborted(http: httpx.Client) -> float:
     return metric_value(
         http.get("/metrics").text, "loraserve_requests_aborted_total", {"reason": "disconnect"}

@@ -39,18 +39,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     assert process.terminate() == 0, process.log_tail()
 
 
-@pytest.fixture(scope="module")
-def http(server: ServerProcess) -> Iterator[httpx.Client]:
-    with server.http() as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def base_id(http: httpx.Client) -> str:
-    models = http.get("/v1/models").json()["data"]
-    return next(m["id"] for m in models if m.get("parent") is None)
-
-
 # ------------------------------------------------------------------------------------------- models
 
 
