@@ -1,5 +1,5 @@
 """Support for the API integration tests: the real server as a subprocess on a free port, raw SSE reading,
-and validation against the OpenAI contract (``../shared/contracts/openai-schemas.json``)."""
+and validation against the OpenAI contract (``tests/contracts/openai-schemas.json``, a copy of the public spec's subset)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import httpx
 import jsonschema
 import openai
 
-CONTRACT = Path(__file__).parents[2].parent / "shared/contracts/openai-schemas.json"
+CONTRACT = Path(__file__).parents[1] / "contracts/openai-schemas.json"
 START_TIMEOUT_S = 300.0  # the first start may build the demo bundle
 SERVER_COMMAND = (sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
