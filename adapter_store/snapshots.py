@@ -41,6 +41,7 @@ from typing import Literal
 import torch
 from peft import PeftModelForCausalLM, set_peft_model_state_dict
 
+from adapter_store.bnb_layout import is_cpu_packed, stabilize_4bit_layers
 from adapter_store.loader import AdapterLoadError, read_adapter
 from adapter_store.registry import AdapterSource
 
@@ -55,9 +56,15 @@ def build_merged(base_loader: Callable[[], torch.nn.Module], source: AdapterSour
     if adapter.digest != source.digest:
         raise AdapterLoadError(f"adapter {source.name!r} changed on disk; register it again", status=409)
     base = base_loader()
+    if any(is_cpu_packed(m) for m in base.modules()):
+        # PEFT's merge dequantizes each weight with bitsandbytes' canonical layout: a packed one would merge
+        # into garbage. A base that has never run a forward is never packed.
+        raise AdapterLoadError("the snapshot's base has already run on the CPU; load a fresh one", status=500)
+    stabilize_4bit_layers(base)
     peft = PeftModelForCausalLM(base, adapter.config, adapter_name="snapshot", low_cpu_mem_usage=True)
     set_peft_model_state_dict(peft, adapter.state_dict, adapter_name="snapshot", low_cpu_mem_usage=True)
     merged = peft.merge_and_unload()
+    stabilize_4bit_layers(merged)  # merging made new 4-bit layers
     merged.eval()
     return merged
 

@@ -34,6 +34,7 @@ import torch
 from peft import LoraConfig, PeftModelForCausalLM
 from transformers import PreTrainedModel
 
+from adapter_store.bnb_layout import stabilize_4bit_layers
 from adapter_store.loader import AdapterLoadError, LoadedAdapter, inject, peft_name, read_adapter, remove
 from adapter_store.registry import AdapterRefusedError, AdapterRegistry, AdapterSource
 from adapter_store.snapshots import SnapshotManager
@@ -146,6 +147,7 @@ class AdapterStore:
     ) -> None:
         if max_gpu_adapters < 1 or max_cpu_adapters < 0 or load_workers < 1:
             raise ValueError("max_gpu_adapters and load_workers must be >= 1, max_cpu_adapters >= 0")
+        stabilize_4bit_layers(base_model)  # PEFT reads the base's state_dict at every injection
         self._base = base_model
         self.registry = registry
         self._max_gpu = max_gpu_adapters

@@ -18,6 +18,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from adapter_store.bnb_layout import stabilize_4bit_layers
+
 log = logging.getLogger("loraserve.runtime")
 
 Quantization = Literal["nf4", "int8", "none"]
@@ -96,6 +98,7 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
     )
     model.eval()
     model.requires_grad_(False)
+    stabilize_4bit_layers(model)  # before anything runs or reads it (adapter_store/bnb_layout.py says why)
     return model
 
 
