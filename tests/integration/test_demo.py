@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -137,11 +136,9 @@ def test_greedy_logits_are_peaked(bundle: DemoBundle, tokenizer) -> None:
 
 def test_ensure_demo_reuses_the_cache(bundle: DemoBundle, cache_dir: Path) -> None:
     before = (bundle.base / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
     again = ensure_demo(cache_dir, progress=False)
-    assert time.perf_counter() - start < 1.0
     assert again == bundle
-    assert (bundle.base / "model.safetensors").stat().st_mtime_ns == before
+    assert (bundle.base / "model.safetensors").stat().st_mtime_ns == before  # reused, not rebuilt
 
 
 def test_ensure_demo_rebuilds_an_incomplete_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

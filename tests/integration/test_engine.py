@@ -151,18 +151,30 @@ def test_twelve_concurrent_mixed_requests_equal_each_alone(engine, demo_bundle) 
 
 
 def test_late_arrival_starts_before_running_requests_finish(engine) -> None:  # type: ignore[no-untyped-def]
-    async def main() -> tuple[list[Result], Result]:
-        long = [
-            asyncio.ensure_future(collect(engine, request(p, max_tokens=120, ignore_eos=True)))
-            for p in PROMPTS[:3]
-        ]
-        await asyncio.sleep(0.5)
-        late = await collect(engine, request(PROMPTS[3], max_tokens=2))
-        return list(await asyncio.gather(*long)), late
+    """Ordered by events, not timed: the late request is submitted once every long one has a token, and
+    must finish while each long one still has most of its tokens to go."""
 
-    long, late = asyncio.run(main())
-    assert late.finished_at < min(r.finished_at for r in long)
-    assert all(len(r.token_ids) == 120 for r in long)
+    async def main() -> tuple[list[int], list[int], int]:
+        counts = [0, 0, 0]
+        started = asyncio.Event()
+
+        async def long_one(i: int, prompt: str) -> None:
+            async for event in engine.submit(request(prompt, max_tokens=120, ignore_eos=True)):
+                counts[i] += len(event.token_ids)
+                if all(counts):
+                    started.set()
+
+        long = [asyncio.ensure_future(long_one(i, p)) for i, p in enumerate(PROMPTS[:3])]
+        await started.wait()
+        late = await collect(engine, request(PROMPTS[3], max_tokens=2))
+        at_late_finish = list(counts)
+        await asyncio.gather(*long)
+        return at_late_finish, counts, len(late.token_ids)
+
+    at_late_finish, final, late_tokens = asyncio.run(main())
+    assert late_tokens == 2
+    assert final == [120, 120, 120]
+    assert max(at_late_finish) < 60, at_late_finish  # the late one did not wait for them to finish
 
 
 def test_abort_frees_the_row_at_the_next_step(engine) -> None:  # type: ignore[no-untyped-def]

@@ -57,7 +57,7 @@ def stream_in_background(
 
 def refused_after_sigterm(server: ServerProcess, model: str) -> None:
     """New work is refused: 503 while the socket is still open, or no connection at all."""
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + 60.0  # guards against a hang only
     while time.monotonic() < deadline:
         try:
             with server.http(timeout=2.0) as http:
@@ -68,7 +68,7 @@ def refused_after_sigterm(server: ServerProcess, model: str) -> None:
         if ready == 503 and work.status_code == 503:
             return
         time.sleep(0.05)
-    raise AssertionError("the server still admitted work 2 s after SIGTERM")
+    raise AssertionError("the server still admitted work a minute after SIGTERM")
 
 
 def test_health_and_ready(tmp_path: Path) -> None:
@@ -106,14 +106,13 @@ def test_sigterm_aborts_what_outlives_the_timeout(tmp_path: Path) -> None:
     request = {"model": model, "prompt": [5, 6, 7], "max_tokens": 250, "ignore_eos": True, "stream": True}
     started, result = stream_in_background(server, request)
     assert started.wait(60)
-    signalled = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
-    assert server.process.wait(timeout=30) == 0, server.log_tail()
-    assert time.monotonic() - signalled < 15
+    assert server.process.wait(timeout=120) == 0, server.log_tail()
     result["thread"].join(10)
     # The client saw a well-formed end: the aborted request's last chunk, then [DONE].
     assert "error" not in result, result
     assert result["done"], result
     last = result["chunks"][-1]
+    assert len(result["chunks"]) < 250  # one chunk a token: the drain timeout cut the request short
     validate("CreateCompletionResponse", last, streamed_completion=True)
     assert last["choices"][0]["finish_reason"] == "length"
