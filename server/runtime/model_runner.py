@@ -23,6 +23,7 @@ from server.engine.types import (
     StepOutput,
     UnknownModelError,
 )
+from server.runtime.attention import MaskLayout
 from server.runtime.cuda_graphs import DecodeGraphs, DecodeRow
 from server.runtime.kv_cache import SlotKVCache, StepPlacement
 from server.runtime.sampler import Sampler
@@ -96,7 +97,8 @@ class ModelRunner:
             device=self.device,
         )
         self.sampler = Sampler(self._vocab_size, num_slots, self.device)
-        self._init_fast_path(cuda_graphs, slot_lora, max_lora_rank)
+        self._masks = MaskLayout.of(model, self.dtype)
+        self._init_fast_path(cuda_graphs and self._masks.is_plain, slot_lora, max_lora_rank)
         log.info(
             "KV memory: %d slots x %d tokens = %.1f MiB on %s",
             num_slots,
@@ -284,10 +286,11 @@ class ModelRunner:
         with self._adapter_routing(model, adapter_names) as peft_names:
             if peft_names is not None:
                 kwargs["adapter_names"] = peft_names
+            positions = rope_pos.to(self.device)
             out = model(
                 input_ids=input_ids.to(self.device),
-                position_ids=rope_pos.to(self.device),
-                attention_mask=mask.to(self.device),
+                position_ids=positions,
+                attention_mask=self._masks.build(mask.to(self.device), positions),
                 past_key_values=self.kv,
                 use_cache=True,
                 logits_to_keep=1,
