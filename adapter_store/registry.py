@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,7 @@ class AdapterRegistry:
         max_lora_rank: int,
         strict_base: bool = False,
         allow_hub: bool = False,
+        unservable_modules: Mapping[str, str] | None = None,
     ) -> None:
         self._adapter_dir = adapter_dir.resolve() if adapter_dir is not None else None
         resolved = [Path(r).resolve() for r in roots]
@@ -129,6 +130,8 @@ class AdapterRegistry:
         self._roots = tuple(resolved)
         self._base_ids = {b for b in base_model_ids if b} | {Path(b).name for b in base_model_ids if b}
         self._module_names = frozenset(base_module_names)
+        # module name -> why adapters on it cannot be served on this base (refused, never served wrong)
+        self._unservable = dict(unservable_modules or {})
         self._max_rank = max_lora_rank
         self._strict_base = strict_base
         self._allow_hub = allow_hub
@@ -351,7 +354,22 @@ class AdapterRegistry:
                 f"adapter {name!r}: target_modules must be a list of names or a regex",
                 status=422,
             )
+        self._check_servable(name, targets)
         return rank, targets
+
+    def _check_servable(self, name: str, targets: tuple[str, ...]) -> None:
+        for module, reason in self._unservable.items():
+            if len(targets) == 1 and targets[0] not in self._module_names:
+                hit = targets[0] == "all-linear" or re.search(targets[0], module) is not None
+            else:
+                hit = any(t.rsplit(".", 1)[-1] == module for t in targets)
+            if hit:
+                raise AdapterRefusedError(
+                    "unsupported",
+                    f"adapter {name!r}: target_modules includes {module!r}, which this server cannot serve "
+                    f"on this base: {reason}",
+                    status=422,
+                )
 
     def _check_base(self, name: str, base: str | None) -> None:
         if base is None or not self._base_ids:

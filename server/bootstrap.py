@@ -42,6 +42,7 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
         load_tokenizer,
         resolve_device,
         resolve_dtype,
+        unservable_modules,
     )
     from server.runtime.model_runner import ModelRunner
     from server.runtime.tokenizer import HFTokenizer
@@ -69,6 +70,7 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
         max_lora_rank=settings.max_lora_rank,
         strict_base=settings.strict_base,
         allow_hub=settings.allow_hub,
+        unservable_modules=unservable_modules(model),
     )
     for refusal in registry.scan():
         log.warning("adapter skipped: %s", refusal)

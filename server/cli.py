@@ -190,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         parser.error(str(exc))
     configure_logging(settings)
-    return serve(settings)
+    from server.runtime.loader import ModelLoadError
+
+    try:
+        return serve(settings)
+    except ModelLoadError as exc:  # a base this server cannot serve: say why, no traceback
+        print(f"loraserve: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

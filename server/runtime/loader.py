@@ -10,10 +10,13 @@ from typing import Literal
 
 import torch
 from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
     GenerationConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -69,7 +72,9 @@ def quantization_config(spec: ModelSpec) -> BitsAndBytesConfig | None:
             bnb_4bit_use_double_quant=False,
         )
     if spec.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        # no outlier decomposition: LLM.int8 picks outlier columns across the whole batch, so with it a
+        # row's output would depend on the other tenants' rows beside it; activations quantize per token
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
     return None
 
 
@@ -85,14 +90,18 @@ def _check_source(spec: ModelSpec) -> None:
 
 
 def load_model(spec: ModelSpec) -> PreTrainedModel:
-    """Load the base model as ``spec`` says, in eval mode, with our KV cache's attention (SDPA)."""
+    """Load the base model as ``spec`` says, in eval mode, with the attention our KV cache drives."""
     _check_source(spec)
+    config = AutoConfig.from_pretrained(
+        spec.source, local_files_only=not spec.allow_hub, trust_remote_code=spec.trust_remote_code
+    )
+    check_architecture(config)
     model = AutoModelForCausalLM.from_pretrained(
         spec.source,
         quantization_config=quantization_config(spec),
         dtype=spec.dtype,
         device_map={"": spec.device},
-        attn_implementation="sdpa",
+        attn_implementation=attention_implementation(config),
         local_files_only=not spec.allow_hub,
         trust_remote_code=spec.trust_remote_code,
     )
@@ -100,6 +109,30 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
     model.requires_grad_(False)
     stabilize_4bit_layers(model)  # before anything runs or reads it (adapter_store/bnb_layout.py says why)
     return model
+
+
+# The families whose every path (NF4, int8, none; base and adapter rows, alone and batched) is proven equal
+# to a fresh model by tests/integration/test_model_families.py. Anything else is refused at start: our KV
+# cache and masks replace the model's own, and an untested family could be served wrong without an error.
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma2", "phi3", "gpt_neox", "opt"})
+
+
+def check_architecture(config: PretrainedConfig) -> None:
+    """Raise ``ModelLoadError`` naming the architecture unless the runtime is proven to serve it."""
+    model_type = str(getattr(config, "model_type", ""))
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        names = ", ".join(getattr(config, "architectures", None) or [model_type or "unknown"])
+        raise ModelLoadError(
+            f"{names} (model_type {model_type!r}) is not served: its attention and cache have not been "
+            f"proven equal to transformers' own with this runtime's KV cache; served families: "
+            f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+        )
+
+
+def attention_implementation(config: PretrainedConfig) -> str:
+    """SDPA where the family supports it; eager otherwise (Gemma-2: SDPA cannot soft-cap attention logits)."""
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return "sdpa" if model_class is None or getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
 def load_tokenizer(spec: ModelSpec) -> tuple[PreTrainedTokenizerBase, GenerationConfig | None]:
@@ -122,3 +155,15 @@ def linear_module_names(model: torch.nn.Module) -> set[str]:
         if isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Linear4bit", "Linear8bitLt"}:
             names.add(name.rsplit(".", 1)[-1])
     return names
+
+
+# Linear layers that some families run on flattened ``[batch * seq, hidden]`` inputs: PEFT's per-row
+# ``adapter_names`` cannot route those rows, so adapters on them are refused rather than served wrong.
+_FLATTENED_INPUTS: dict[str, tuple[str, ...]] = {"opt": ("fc1", "fc2")}
+
+
+def unservable_modules(model: torch.nn.Module) -> dict[str, str]:
+    """Target module name -> why an adapter on it cannot be served on ``model``."""
+    model_type = str(getattr(model.config, "model_type", ""))
+    reason = f"{model_type} runs it on flattened tokens, which per-request adapter routing cannot split"
+    return {name: reason for name in _FLATTENED_INPUTS.get(model_type, ())}
