@@ -1,0 +1,247 @@
+"""The model families users bring, each as a tiny random model built here, with an adapter on that family's
+usual target names, under NF4, int8 and no quantization: the engine's greedy tokens for the base and the
+adapter, alone and batched together, equal a plain forward loop over a freshly loaded model (PEFT-wrapped
+before any forward, transformers' own masks and attention).
+
+Mistral's window (8) is shorter than the test's sequences; Gemma-2 alternates sliding and full layers and
+soft-caps its logits (eager attention)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    Gemma2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Phi3Config,
+    PretrainedConfig,
+    Qwen2Config,
+)
+
+from server.bootstrap import build_engine
+from server.config import Settings
+from server.engine.engine import AsyncEngine
+from server.engine.types import GenerationRequest, SamplingParams
+from tests.integration.store_helpers import one_torch_thread
+
+N_NEW = 12
+# token ids of the demo tokenizer; with N_NEW new tokens the longest passes Mistral's window of 8 twice
+PROMPTS = [[0, 17, 42, 99, 3], [0, 200, 5, 6, 7, 8, 9, 10, 11, 12, 13], [0, 33]]
+SMALL = {"vocab_size": 716, "max_position_embeddings": 256, "bos_token_id": 0, "eos_token_id": 1}
+ATTN = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "num_hidden_layers": 2}
+LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+FAMILIES: dict[str, tuple[Callable[[], PretrainedConfig], Any]] = {
+    "llama": (lambda: LlamaConfig(**SMALL, **ATTN, num_key_value_heads=2), list(LLAMA_LIKE)),
+    "qwen2": (lambda: Qwen2Config(**SMALL, **ATTN, num_key_value_heads=2), "all-linear"),
+    "mistral": (
+        lambda: MistralConfig(**SMALL, **ATTN, num_key_value_heads=2, sliding_window=8),
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+    ),
+    "gemma2": (
+        lambda: Gemma2Config(
+            **SMALL,
+            **{**ATTN, "num_hidden_layers": 4},
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=8,
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            pad_token_id=2,
+        ),
+        list(LLAMA_LIKE),
+    ),
+    "phi3": (
+        lambda: Phi3Config(**SMALL, **ATTN, num_key_value_heads=2, pad_token_id=2),
+        ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    ),
+    "gpt_neox": (
+        lambda: GPTNeoXConfig(**SMALL, **ATTN, rotary_pct=0.5),
+        ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    ),
+    "opt": (
+        lambda: OPTConfig(
+            vocab_size=716,
+            max_position_embeddings=256,
+            hidden_size=64,
+            ffn_dim=128,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            word_embed_proj_dim=64,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
+        ),
+        ["q_proj", "k_proj", "v_proj", "out_proj"],  # fc1/fc2 are refused: see test_opt_refuses_fc_adapters
+    ),
+}
+QUANTIZATIONS = ["nf4", "int8", "none"]
+
+
+def quantization_config(quantization: str) -> BitsAndBytesConfig | None:
+    if quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0) if quantization == "int8" else None
+
+
+def build_family(root: Path, family: str, tokenizer_dir: Path) -> tuple[Path, Path]:
+    """(base folder, adapter folder) of a tiny random ``family`` model with the demo tokenizer."""
+    make_config, targets = FAMILIES[family]
+    torch.manual_seed(0)
+    config = make_config()
+    config.initializer_range = 0.2  # peaked logits: greedy choices are not near-ties
+    base = root / family / "base"
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, base / name)
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    adapter = root / family / "adapters" / "tenant"
+    get_peft_model(model, lora).save_pretrained(adapter)
+    config_path = adapter / "adapter_config.json"
+    data = json.loads(config_path.read_text())
+    data["base_model_name_or_path"] = str(base)
+    config_path.write_text(json.dumps(data))
+    return base, adapter
+
+
+@torch.inference_mode()
+def reference(base: Path, adapter: Path | None, quantization: str) -> list[list[int]]:
+    """Greedy tokens of a fresh model: full forward per token (no cache), transformers' defaults."""
+    model = AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=quantization_config(quantization), dtype=torch.float32, device_map="cpu"
+    )
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    outs = []
+    for prompt in PROMPTS:
+        ids = list(prompt)
+        for _ in range(N_NEW):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        outs.append(ids[len(prompt) :])
+    return outs
+
+
+def served(engine: AsyncEngine, adapter: str | None, beside: tuple[str | None, ...] = ()) -> list[list[int]]:
+    """The engine's greedy tokens for PROMPTS on ``adapter`` (None: the base): one request at a time, or,
+    ``beside`` other models, all at once with the same prompts on each of those (rows share steps)."""
+
+    def request(prompt: list[int], model: str | None) -> GenerationRequest:
+        sampling = SamplingParams(max_tokens=N_NEW, temperature=0.0, ignore_eos=True)
+        return GenerationRequest(uuid.uuid4().hex, sampling, prompt=prompt, adapter=model)
+
+    async def collect(r: GenerationRequest) -> list[int]:
+        tokens: list[int] = []
+        async for event in engine.submit(r):
+            tokens.extend(event.token_ids)
+        return tokens
+
+    async def alone() -> list[list[int]]:
+        return [await collect(request(p, adapter)) for p in PROMPTS]
+
+    async def together() -> list[list[int]]:
+        reqs = [request(p, model) for model in (adapter, *beside) for p in PROMPTS]
+        return list(await asyncio.gather(*(collect(r) for r in reqs)))[: len(PROMPTS)]
+
+    return asyncio.run(together() if beside else alone())
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory, demo_bundle) -> dict[str, tuple[Path, Path]]:  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("families")
+    with one_torch_thread():
+        return {f: build_family(root, f, demo_bundle.base) for f in FAMILIES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_base_and_adapter_equal_a_fresh_model(families, family: str, quantization: str) -> None:  # type: ignore[no-untyped-def]
+    base, adapter = families[family]
+    with one_torch_thread():
+        want_base = reference(base, None, quantization)
+        want_adapter = reference(base, adapter, quantization)
+        settings = Settings(
+            device="cpu",
+            model=str(base),
+            adapter_dir=adapter.parent,
+            quantization=quantization,
+            max_num_seqs=8,
+            max_model_len=128,
+            max_gpu_adapters=2,
+        )
+        engine, store = build_engine(settings)
+        engine.start()
+        try:
+            # the base runs first (its 4-bit layers pack on AVX512-BF16 CPUs), then the adapter is injected
+            assert served(engine, None) == want_base, "base alone"
+            assert served(engine, "tenant") == want_adapter, "adapter alone"
+            assert served(engine, "tenant", beside=(None,)) == want_adapter, "adapter batched with the base"
+            assert served(engine, None, beside=("tenant",)) == want_base, "base batched with the adapter"
+        finally:
+            engine.stop()
+            store.close()  # type: ignore[attr-defined]
+
+
+def test_opt_refuses_adapters_on_its_flattened_layers(families, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """OPT runs fc1/fc2 on flattened tokens, where per-row adapter routing cannot work: an adapter on them
+    is refused with a 422 naming target_modules (never served wrong), and the others keep serving."""
+    from adapter_store import AdapterRefusedError, AdapterRegistry
+    from server.runtime.loader import ModelSpec, linear_module_names, load_model, unservable_modules
+
+    base, good = families["opt"]
+    model = load_model(ModelSpec(source=str(base), quantization="none"))
+    adapters = tmp_path / "adapters"
+    shutil.copytree(good, adapters / "good")
+    for name, targets in {"mlp": ["q_proj", "fc1"], "everything": "all-linear", "regex": r".*fc2"}.items():
+        shutil.copytree(good, adapters / name)
+        config = json.loads((adapters / name / "adapter_config.json").read_text())
+        config["target_modules"] = targets
+        (adapters / name / "adapter_config.json").write_text(json.dumps(config))
+    registry = AdapterRegistry(
+        [adapters],
+        adapter_dir=adapters,
+        base_model_ids=[str(base)],
+        base_module_names=linear_module_names(model),
+        max_lora_rank=16,
+        unservable_modules=unservable_modules(model),
+    )
+    refusals = registry.scan()
+    assert sorted(registry.names()) == ["good"]
+    assert len(refusals) == 3
+    for refusal in refusals:
+        assert isinstance(refusal, AdapterRefusedError) and refusal.status == 422
+        assert "target_modules" in str(refusal) and "flattened" in str(refusal)
+
+
+def test_an_unproven_architecture_is_refused_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from server.cli import main
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(folder)
+    assert main(["serve", "--model", str(folder), "--device", "cpu", "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "GPT2LMHeadModel" in err and "'gpt2'" in err and "not served" in err
