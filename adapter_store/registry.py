@@ -309,6 +309,14 @@ class AdapterRegistry:
                 f"adapter {name!r} uses DoRA, which mixed-adapter batches cannot run",
                 status=422,
             )
+        if config.get("modules_to_save"):
+            raise AdapterRefusedError(
+                "unsupported",
+                f"adapter {name!r} has modules_to_save (a full trained copy of "
+                f"{', '.join(map(str, config['modules_to_save']))}), which cannot share those layers with "
+                "other tenants' LoRA weights; train a LoRA on them instead",
+                status=422,
+            )
         ranks = [config.get("r", 8), *dict(config.get("rank_pattern") or {}).values()]
         if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
             raise AdapterRefusedError(

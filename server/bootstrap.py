@@ -37,11 +37,11 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
     from adapter_store import AdapterRegistry, AdapterStore
     from server.runtime.loader import (
         ModelSpec,
-        linear_module_names,
         load_model,
         load_tokenizer,
         resolve_device,
         resolve_dtype,
+        target_module_names,
         unservable_modules,
     )
     from server.runtime.model_runner import ModelRunner
@@ -66,7 +66,7 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
         roots,
         adapter_dir=adapter_dir,
         base_model_ids=base_ids,
-        base_module_names=linear_module_names(model),
+        base_module_names=target_module_names(model),
         max_lora_rank=settings.max_lora_rank,
         strict_base=settings.strict_base,
         allow_hub=settings.allow_hub,

@@ -147,12 +147,17 @@ def load_tokenizer(spec: ModelSpec) -> tuple[PreTrainedTokenizerBase, Generation
     return tokenizer, generation_config
 
 
-def linear_module_names(model: torch.nn.Module) -> set[str]:
-    """Last name component of every linear layer (``q_proj``, ``down_proj``, ``lm_head`` ...): the target
-    modules an adapter may name."""
+def target_module_names(model: torch.nn.Module) -> set[str]:
+    """Last name component of every layer a LoRA may target: linear layers (``q_proj``, ``down_proj``,
+    ``lm_head`` ...) and embeddings (``embed_tokens``)."""
     names: set[str] = set()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Linear4bit", "Linear8bitLt"}:
+        linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in {
+            "Linear4bit",
+            "StableLinear4bit",
+            "Linear8bitLt",
+        }
+        if linear or isinstance(module, torch.nn.Embedding):
             names.add(name.rsplit(".", 1)[-1])
     return names
 

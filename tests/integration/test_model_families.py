@@ -206,7 +206,7 @@ def test_opt_refuses_adapters_on_its_flattened_layers(families, tmp_path: Path) 
     """OPT runs fc1/fc2 on flattened tokens, where per-row adapter routing cannot work: an adapter on them
     is refused with a 422 naming target_modules (never served wrong), and the others keep serving."""
     from adapter_store import AdapterRefusedError, AdapterRegistry
-    from server.runtime.loader import ModelSpec, linear_module_names, load_model, unservable_modules
+    from server.runtime.loader import ModelSpec, load_model, target_module_names, unservable_modules
 
     base, good = families["opt"]
     model = load_model(ModelSpec(source=str(base), quantization="none"))
@@ -221,7 +221,7 @@ def test_opt_refuses_adapters_on_its_flattened_layers(families, tmp_path: Path) 
         [adapters],
         adapter_dir=adapters,
         base_model_ids=[str(base)],
-        base_module_names=linear_module_names(model),
+        base_module_names=target_module_names(model),
         max_lora_rank=16,
         unservable_modules=unservable_modules(model),
     )
