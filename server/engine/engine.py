@@ -326,7 +326,9 @@ class AsyncEngine:
         now = time.monotonic()
         eos = self.runner.tokenizer.eos_token_ids
         m = self.metrics
-        step_tokens = len(batch.seqs)  # tokens sampled, plus the prompt tokens prefilled (below)
+        if m is not None:  # before any event goes out: a client that has its answer finds it counted
+            prefilled = sum(s.num_tokens - s.num_cached for s in batch.seqs) if batch.kind == "prefill" else 0
+            m.on_step(self.model_id, prefilled + len(batch.seqs))
         for seq, token in zip(batch.seqs, output.token_ids, strict=True):
             computed = seq.num_tokens - seq.num_cached
             seq.num_cached = seq.num_tokens
@@ -335,7 +337,6 @@ class AsyncEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 track.prefill_computed = computed
-                step_tokens += computed
                 if m is not None:
                     m.on_first_token(track.label, now - seq.arrival_time, seq.num_prompt_tokens, computed)
             elif m is not None and seq.last_token_time is not None:
@@ -357,8 +358,6 @@ class AsyncEngine:
                     track,
                     TokenEvent(seq.request_id, text, (token,), seq.num_prompt_tokens, seq.num_output_tokens),
                 )
-        if m is not None:
-            m.on_step(self.model_id, step_tokens)
 
     def _abort_now(self, request_id: str, reason: str) -> None:
         seq = self.scheduler.abort(request_id)
@@ -396,8 +395,8 @@ class AsyncEngine:
             finish_reason=reason,
             error=error,
         )
+        self._record_finish(seq, track, reason, error)  # first, so a client's answer is already counted
         self._emit(track, event)
-        self._record_finish(seq, track, reason, error)
 
     def _record_finish(
         self, seq: Sequence, track: _Track, reason: FinishReason, error: EngineError | None
