@@ -2,8 +2,9 @@
 prometheus_client's own parser holds every family issue 18 lists with vLLM's type, label names and bucket
 boundaries (the tables below are vLLM's, from its vllm/v1/metrics/loggers.py), and each counter moved by
 what happened: tokens as the API's usage reports them, one admission rejection per 429, request
-histograms once per finished request. Families whose events cannot happen before engine v2 (prefix cache,
-preemption) exist and stay 0."""
+histograms once per finished request. A second server holds one adapter per step, so a request for a
+second adapter waits "deferred" while the first runs "pinned". Families whose events cannot happen before
+engine v2 (prefix cache, preemption) exist and stay 0."""
 
 from __future__ import annotations
 
@@ -419,3 +420,59 @@ def test_lora_requests_info_is_a_timestamp_with_empty_sets_when_idle(
     assert (
         traffic.started <= stamp <= time.time()
     )  # a wall-clock stamp of the last change, as routers read it
+
+
+# ---------------------------------------------------------------- waiting reasons and pinning, live
+
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Two KV slots but one adapter per step: a request for a second adapter waits, deferred."""
+    process = start_server(
+        tmp_path_factory.mktemp("metrics-lora"),
+        ["--max-num-seqs", "2", "--max-loras-per-batch", "1", "--max-model-len", "2048"],
+    )
+    yield process
+    assert process.terminate() == 0, process.log_tail()
+
+
+def post(server: ServerProcess, body: dict[str, Any]) -> int:
+    with server.http() as client:
+        return client.post("/v1/completions", json=body).status_code
+
+
+def test_a_second_adapter_waits_deferred_while_the_first_runs_pinned(lora_server: ServerProcess) -> None:
+    long = {"prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
+    with lora_server.http() as http, ThreadPoolExecutor(1) as pool:
+        base_id = http.get("/v1/models").json()["data"][0]["id"]
+        with http.stream(
+            "POST", "/v1/completions", json={"model": "shout", "stream": True, **long}
+        ) as running:
+            assert running.status_code == 200
+            chunks = sse_data(running.iter_lines())
+            next(chunks), next(chunks)  # shout is generating
+            waiter = pool.submit(post, lora_server, {"model": "digits", **long, "max_tokens": 2})
+
+            def deferred() -> float:
+                by_reason = scrape(http)["vllm:num_requests_waiting_by_reason"]
+                return by_reason.value(
+                    "vllm:num_requests_waiting_by_reason", model_name=base_id, reason="deferred"
+                )
+
+            deadline = time.monotonic() + 30
+            while deferred() < 1:  # digits arrives, is passed over for the step's one adapter
+                assert time.monotonic() < deadline, "digits never showed as deferred"
+                time.sleep(0.02)
+            now = scrape(http)
+            by_reason = now["vllm:num_requests_waiting_by_reason"]
+            assert (
+                by_reason.value("vllm:num_requests_waiting_by_reason", reason="capacity") == 0
+            )  # a slot is free
+            info = dict(next(iter(now["vllm:lora_requests_info"].samples))[1])
+            assert (info["running_lora_adapters"], info["waiting_lora_adapters"]) == ("shout", "digits")
+            loaded = [dict(labels) for (_, labels) in now["vllm:lora_adapter_loaded"].samples]
+            assert {(s["level"], s["pinned"]) for s in loaded if s["adapter_name"] == "shout"} >= {
+                ("gpu", "true")
+            }
+        # leaving the stream aborts shout; digits then runs and finishes
+        assert waiter.result(timeout=60) == 200
