@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from server.config import Settings
 from server.engine.engine import AsyncEngine, EngineConfig
-from server.metrics import Metrics
+from server.metrics import CacheConfig, Metrics
 
 log = logging.getLogger("loraserve")
 
@@ -74,6 +74,8 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
     )
     for refusal in registry.scan():
         log.warning("adapter skipped: %s", refusal)
+    if metrics is not None:
+        metrics.set_rank_lookup(lambda name: s.rank if (s := registry.peek(name)) is not None else None)
     store = AdapterStore(
         model,
         registry,
@@ -96,6 +98,16 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
         cuda_graphs=settings.cuda_graphs,
         max_lora_rank=settings.max_lora_rank,
     )
+    if metrics is not None:
+        metrics.set_cache_config(
+            CacheConfig(
+                block_size=runner.max_model_len,
+                num_blocks=runner.num_slots,
+                cache_dtype=str(runner.dtype).removeprefix("torch."),
+                kv_cache_memory_bytes=runner.kv.nbytes,
+            )
+        )
+        metrics.set_max_gpu_lora_adapters(model_id, store.max_gpu_adapters)
     if settings.preload_adapters:  # after the runner: its GPU tier listener prepares them as they load
         log.info("preloading %d adapters into the CPU tier", store.preload())
     engine = AsyncEngine(
@@ -113,7 +125,7 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
 def build_server(settings: Settings) -> ServerParts:
     from server.api.app import create_app
 
-    metrics = Metrics(CollectorRegistry())
+    metrics = Metrics(CollectorRegistry(), max_model_len=settings.max_model_len)
     engine, store = build_engine(settings, metrics)
     app = create_app(settings, engine, store=store, metrics=metrics)
     return ServerParts(engine=engine, app=app, store=store, metrics=metrics)

@@ -41,7 +41,7 @@ from server.engine.types import (
     TokenEvent,
     UnknownModelError,
 )
-from server.metrics import Metrics
+from server.metrics import FinishedRequest, Metrics, SchedulerState
 
 log = logging.getLogger("loraserve.engine")
 
@@ -96,6 +96,7 @@ class _Track:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[TokenEvent]
     label: str
+    prefill_computed: int = 0  # prompt tokens its prefill computed (all of them: no prefix cache yet)
 
 
 class AsyncEngine:
@@ -129,7 +130,8 @@ class AsyncEngine:
         self._stopping = False
         self._draining = False
         self._rng = random.SystemRandom()
-        self._last_lora_info: tuple[str, str, str] | None = None
+        if metrics is not None:
+            metrics.seed(self.model_id)
 
     # ------------------------------------------------------------------------------------ life cycle
 
@@ -190,7 +192,7 @@ class AsyncEngine:
         try:
             seq = self._to_sequence(request)
         except EngineError as invalid:
-            self._count_rejection(invalid)
+            self._count_rejection(invalid, self.model_id)
             raise
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
@@ -218,7 +220,7 @@ class AsyncEngine:
                 if self.metrics is not None and seq.adapter is not None:
                     self.metrics.adapter_requests_total.labels(adapter=label).inc()
                 return RequestStream(request.request_id, seq.num_prompt_tokens, queue)
-        self._count_rejection(refusal)
+        self._count_rejection(refusal, label)
         raise refusal
 
     def abort(self, request_id: str, reason: str = "disconnect") -> None:
@@ -270,9 +272,9 @@ class AsyncEngine:
             arrival_time=request.arrival_time,
         )
 
-    def _count_rejection(self, exc: EngineError) -> None:
+    def _count_rejection(self, exc: EngineError, label: str) -> None:
         if self.metrics is not None:
-            self.metrics.requests_rejected_total.labels(reason=exc.code).inc()
+            self.metrics.on_rejected(exc.code, label)
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -307,12 +309,6 @@ class AsyncEngine:
             self._finish(seq, FinishReason.ERROR, error=exc)
         batch = result.batch
         if batch is not None:
-            if batch.kind == "prefill" and self.metrics is not None:
-                for seq in batch.seqs:
-                    queue_time = now - seq.arrival_time
-                    self.metrics.request_queue_time_seconds.labels(model_name=self._label(seq)).observe(
-                        queue_time
-                    )
             try:
                 output = self.runner.step(batch)
             except Exception as exc:
@@ -329,18 +325,22 @@ class AsyncEngine:
         """StepOutput -> TokenEvents, finishing sequences that hit EOS, a stop string or a length limit."""
         now = time.monotonic()
         eos = self.runner.tokenizer.eos_token_ids
+        m = self.metrics
+        if m is not None:  # before any event goes out: a client that has its answer finds it counted
+            prefilled = sum(s.num_tokens - s.num_cached for s in batch.seqs) if batch.kind == "prefill" else 0
+            m.on_step(self.model_id, prefilled + len(batch.seqs))
         for seq, token in zip(batch.seqs, output.token_ids, strict=True):
+            computed = seq.num_tokens - seq.num_cached
             seq.num_cached = seq.num_tokens
             seq.token_ids.append(token)
             track = self._tracks[seq.request_id]
             if seq.first_token_time is None:
                 seq.first_token_time = now
-                if self.metrics is not None:
-                    ttft = now - seq.arrival_time
-                    self.metrics.time_to_first_token_seconds.labels(model_name=track.label).observe(ttft)
-            elif self.metrics is not None and seq.last_token_time is not None:
-                itl = now - seq.last_token_time
-                self.metrics.inter_token_latency_seconds.labels(model_name=track.label).observe(itl)
+                track.prefill_computed = computed
+                if m is not None:
+                    m.on_first_token(track.label, now - seq.arrival_time, seq.num_prompt_tokens, computed)
+            elif m is not None and seq.last_token_time is not None:
+                m.on_next_token(track.label, now - seq.last_token_time)
             seq.last_token_time = now
             if seq.aborted:
                 self._finish(seq, FinishReason.ABORT)
@@ -395,13 +395,14 @@ class AsyncEngine:
             finish_reason=reason,
             error=error,
         )
+        self._record_finish(seq, track, reason, error)  # first, so a client's answer is already counted
         self._emit(track, event)
-        self._record_finish(seq, track, reason, error)
 
     def _record_finish(
         self, seq: Sequence, track: _Track, reason: FinishReason, error: EngineError | None
     ) -> None:
-        latency = time.monotonic() - seq.arrival_time
+        now = time.monotonic()
+        latency = now - seq.arrival_time
         # the API logs each request once at info level (with tenant and disconnects); this is the engine's view
         log.debug(
             "sequence finished",
@@ -418,20 +419,27 @@ class AsyncEngine:
         )
         if self.metrics is None:
             return
-        m, label = self.metrics, track.label
-        m.e2e_request_latency_seconds.labels(model_name=label).observe(latency)
-        m.prompt_tokens_total.labels(model_name=label).inc(seq.num_prompt_tokens)
-        m.generation_tokens_total.labels(model_name=label).inc(seq.num_output_tokens)
-        m.request_success_total.labels(model_name=label, finished_reason=reason.value).inc()
+        # Sequence -> FinishedRequest (n is 1 and nothing is preempted in this engine)
+        self.metrics.on_finished(
+            FinishedRequest(
+                model_name=track.label,
+                finished_reason=reason.value,
+                arrival=seq.arrival_time,
+                scheduled=seq.first_scheduled_time,
+                first_token=seq.first_token_time,
+                last_token=seq.last_token_time,
+                finished=now,
+                prompt_tokens=seq.num_prompt_tokens,
+                generation_tokens=seq.num_output_tokens,
+                max_tokens=seq.sampling.max_tokens,
+                prefill_computed_tokens=track.prefill_computed,
+            )
+        )
 
     def _emit(self, track: _Track, event: TokenEvent) -> None:
         # a closed consumer loop (RuntimeError) means nobody is listening any more
         with contextlib.suppress(RuntimeError):
             track.loop.call_soon_threadsafe(track.queue.put_nowait, event)
-
-    def _label(self, seq: Sequence) -> str:
-        track = self._tracks.get(seq.request_id)
-        return track.label if track is not None else self.model_id
 
     def _acquire(self, adapter: str) -> AdapterLease | None:
         try:
@@ -447,18 +455,15 @@ class AsyncEngine:
     def _update_gauges(self) -> None:
         if self.metrics is None:
             return
-        m, model = self.metrics, self.model_id
-        running, waiting = self.scheduler.running, self.scheduler.waiting
-        m.num_requests_running.labels(model_name=model).set(len(running))
-        m.num_requests_waiting.labels(model_name=model).set(len(waiting))
-        used = self.runner.num_slots - self.scheduler.num_free_slots
-        m.kv_cache_usage_perc.labels(model_name=model).set(used / self.runner.num_slots)
-        info = (
-            str(self.config.max_loras_per_batch),
-            ",".join(sorted(self.scheduler.running_adapters())),
-            ",".join(sorted(self.scheduler.waiting_adapters())),
+        scheduler = self.scheduler
+        used = self.runner.num_slots - scheduler.num_free_slots
+        state = SchedulerState(
+            running=len(scheduler.running),
+            waiting=len(scheduler.waiting),
+            waiting_deferred=scheduler.num_deferred,
+            kv_cache_usage=used / self.runner.num_slots,
+            max_lora=self.config.max_loras_per_batch,
+            running_adapters=frozenset(scheduler.running_adapters()),
+            waiting_adapters=frozenset(scheduler.waiting_adapters()),
         )
-        if info != self._last_lora_info:
-            self._last_lora_info = info
-            m.lora_requests_info.clear()
-            m.lora_requests_info.labels(*info).set(time.time())
+        self.metrics.set_scheduler_state(self.model_id, state, time.time())

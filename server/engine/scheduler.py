@@ -5,6 +5,10 @@ tokens stay under ``max_num_batched_tokens``, the running set keeps at most ``ma
 distinct adapters, and the adapter is resident (``acquire`` returned a lease). A sequence whose adapter is
 still loading is skipped, not rejected, and keeps its place. Among admissible sequences, the tenant with
 the fewest running sequences goes first, then arrival order, so one tenant's burst cannot take every slot.
+
+Why a sequence waits (``num_deferred``, vLLM's waiting reasons): the last admission pass *deferred* it for a
+transient constraint (its adapter still loading, or the step's distinct-adapter budget full); every other
+waiting sequence waits for *capacity* (a free KV slot, or room in the step's token budget).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class Scheduler:
         # decode step covers slots [0, bucket) as one contiguous view of the KV memory
         self._free_slots = list(range(config.num_slots))
         self._last_was_prefill = False
+        self._deferred: set[str] = set()  # request ids the last admission pass deferred
 
     # ------------------------------------------------------------------------------------ queries
 
@@ -68,6 +73,11 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def num_deferred(self) -> int:
+        """Waiting sequences the last admission pass deferred for a transient constraint."""
+        return sum(1 for s in self.waiting if s.request_id in self._deferred)
 
     def running_adapters(self) -> set[str]:
         return {s.adapter for s in self.running if s.adapter is not None}
@@ -131,6 +141,7 @@ class Scheduler:
         return result
 
     def _admit(self, now: float, failed: list[tuple[Sequence, EngineError]]) -> list[Sequence]:
+        self._deferred = set()
         if not self.waiting or not self._free_slots:
             return []
         per_tenant: dict[str | None, int] = {}
@@ -148,6 +159,7 @@ class Scheduler:
                 continue  # a long prompt alone may exceed the budget, never on top of others
             new_adapter = seq.adapter is not None and seq.adapter not in adapters
             if new_adapter and len(adapters) >= self.config.max_loras_per_batch:
+                self._deferred.add(seq.request_id)
                 continue
             if seq.lease is None and seq.adapter is not None:
                 try:
@@ -157,6 +169,7 @@ class Scheduler:
                     failed.append((seq, exc))
                     continue
                 if lease is None:
+                    self._deferred.add(seq.request_id)
                     continue  # still loading: keep its place, try again next step
                 seq.lease = lease
             if seq.adapter is not None:

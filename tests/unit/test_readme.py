@@ -61,3 +61,18 @@ def test_setup_has_exactly_two_commands_and_the_second_is_ci() -> None:
     assert ci is not None, "the ci:test-command markers are gone"
     assert blocks[1] == ci.group(1)
     assert "loraserve serve" in blocks[0]
+
+
+def test_every_vllm_metric_the_readme_names_is_exported() -> None:
+    """Prose outside the generated table (the mapping notes, scaling out) names only metrics that exist:
+    a family, or a prefix of families (``vllm:prefix_cache_*``), of ``server.metrics``."""
+    table = gen_flags.render_metrics()
+    exported = set(re.findall(r"^\| `(vllm:[\w:]+)`", table, re.M))
+    exported |= {name.removesuffix("_total") for name in exported}
+    named = set(re.findall(r"`(vllm:[\w:]+\*?)", README.read_text()))
+    assert named, "the README names no vllm metric"
+    for name in named:
+        if name.endswith("*"):
+            assert any(e.startswith(name.rstrip("*")) for e in exported), name
+        else:
+            assert name in exported, name

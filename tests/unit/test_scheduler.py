@@ -226,3 +226,41 @@ def test_prefill_and_decode_alternate_under_constant_arrivals() -> None:
         assert batch is not None
         kinds.append(batch.kind)
     assert kinds == ["prefill", "decode"] * 3
+
+
+# ------------------------------------------------------------------ why a sequence waits (vLLM's reasons)
+
+
+@pytest.mark.parametrize(
+    ("slots", "loras", "ready", "waiting", "deferred"),
+    [
+        (1, 2, {"a", "b"}, ["a", None, "b"], 0),  # one slot: the two left wait for capacity
+        (8, 1, {"a", "b"}, ["a", "b", "b"], 2),  # the step's adapter budget defers b
+        (8, 2, {"a"}, ["a", "cold", None], 1),  # an adapter still loading is deferred
+        (2, 2, {"a"}, ["cold", "a", None, None], 1),  # cold deferred; then slots run out: capacity
+        (4, 2, set(), [], 0),
+    ],
+)
+def test_waiting_is_split_into_deferred_and_capacity(
+    slots: int, loras: int, ready: set[str], waiting: list[str | None], deferred: int
+) -> None:
+    s, _ = make(slots=slots, loras=loras, ready=ready)
+    for adapter in waiting:
+        s.add(seq(adapter=adapter))
+    s.schedule(0.0)
+    assert s.num_deferred == deferred
+    assert s.num_deferred <= len(s.waiting)
+
+
+def test_a_deferred_sequence_stops_counting_once_admitted_or_aborted() -> None:
+    s, adapters = make(slots=4, ready={"a"})
+    cold, other = seq(adapter="cold"), seq(adapter="cold")
+    s.add(cold)
+    s.add(other)
+    s.schedule(0.0)
+    assert s.num_deferred == 2
+    s.abort(other.request_id)
+    assert s.num_deferred == 1  # counted over the waiting queue, not remembered
+    adapters.ready.add("cold")
+    s.schedule(0.0)
+    assert s.num_deferred == 0 and cold.status is SequenceStatus.RUNNING
