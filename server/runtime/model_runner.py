@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -155,6 +155,10 @@ class ModelRunner:
     def housekeeping(self) -> None:
         if self.store is not None:
             self.store.sync()  # type: ignore[attr-defined]
+
+    def set_wakeup(self, wake: Callable[[], None]) -> None:
+        if self.store is not None:
+            self.store.set_wakeup(wake)  # type: ignore[attr-defined]
 
     def free_slot(self, slot: int) -> None:
         self.sampler.free(slot)
