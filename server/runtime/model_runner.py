@@ -95,7 +95,7 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
-        self.sampler = Sampler(self._vocab_size, num_slots, self.device)
+        self.sampler = Sampler(self._vocab_size, num_slots, self.device, num_valid_ids=len(tokenizer.hf))
         self._init_fast_path(cuda_graphs, slot_lora, max_lora_rank)
         log.info(
             "KV memory: %d slots x %d tokens = %.1f MiB on %s",
