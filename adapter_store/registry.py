@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 MAX_CONFIG_BYTES = 1 << 20
+MAX_PATH_BYTES = 4095  # Linux PATH_MAX less the NUL
+MAX_NAME_BYTES = 255  # NAME_MAX of common file systems
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _HASH_CHUNK = 1 << 20
@@ -63,6 +65,19 @@ def check_name(name: str) -> None:
         raise AdapterRefusedError(
             "bad_name",
             f"adapter name {name!r} is not allowed: use 1-128 characters of A-Z a-z 0-9 . _ - and no '..'",
+        )
+
+
+def _check_path_length(raw: str) -> None:
+    """Refuse a path the file system cannot hold (a name over NAME_MAX or a path over PATH_MAX bytes):
+    the OS would raise ENAMETOOLONG from deep inside a check."""
+    encoded = raw.encode("utf-8", "surrogateescape")
+    longest = max((len(part) for part in encoded.split(b"/")), default=0)
+    if len(encoded) > MAX_PATH_BYTES or longest > MAX_NAME_BYTES:
+        raise AdapterRefusedError(
+            "bad_path",
+            f"adapter path is too long ({len(encoded)} bytes, longest part {longest}): the limits are "
+            f"{MAX_PATH_BYTES} bytes in all and {MAX_NAME_BYTES} per folder name",
         )
 
 
@@ -164,7 +179,12 @@ class AdapterRegistry:
         """Validate and register ``path`` as ``name``. Same name with changed files = new version."""
         check_name(name)
         folder = self._resolve(path)
-        source = self._validate(name, folder)
+        try:
+            source = self._validate(name, folder)
+        except OSError as e:  # a file went away or became unreadable while being checked
+            raise AdapterRefusedError(
+                "unreadable", f"adapter {name!r}: cannot read {folder}: {e.strerror or e}", status=422
+            ) from None
         with self._lock:
             old = self._sources.get(name)
             self._sources[name] = source
@@ -213,7 +233,23 @@ class AdapterRegistry:
         raw = str(path)
         if not raw or "\x00" in raw:
             raise AdapterRefusedError("bad_path", "adapter path is empty or contains a NUL byte")
-        p = Path(raw).expanduser()
+        _check_path_length(raw)
+        try:
+            return self._resolve_folder(raw)
+        except OSError as e:  # what the checks above cannot foresee (EACCES, ELOOP, ...): the caller's path
+            raise AdapterRefusedError(
+                "bad_path", f"adapter path {raw!r} cannot be read: {e.strerror or e}"
+            ) from None
+
+    def _resolve_folder(self, raw: str) -> Path:
+        p = Path(raw)
+        if raw.startswith("~"):
+            try:
+                p = p.expanduser()
+            except RuntimeError:  # "~someone" with no such user
+                raise AdapterRefusedError(
+                    "not_found", f"adapter folder {raw!r} does not exist", status=404
+                ) from None
         if not p.is_absolute():
             # relative paths are read against the adapter dir (or the first root)
             base = self._adapter_dir or (self._roots[0] if self._roots else None)
@@ -224,7 +260,7 @@ class AdapterRegistry:
             p = base / p
         try:
             folder = p.resolve(strict=True)
-        except (FileNotFoundError, RuntimeError, OSError):
+        except (FileNotFoundError, NotADirectoryError, RuntimeError):
             raise AdapterRefusedError(
                 "not_found", f"adapter folder {raw!r} does not exist", status=404
             ) from None

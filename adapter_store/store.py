@@ -70,6 +70,10 @@ class GpuTierListener(Protocol):
     def on_peft_change(self, peft_model: torch.nn.Module | None) -> None: ...
 
 
+def _no_wakeup() -> None:
+    pass
+
+
 class _NullObserver:
     def on_adapter_load(self, tier: str, seconds: float) -> None:
         pass
@@ -169,6 +173,7 @@ class AdapterStore:
         # promotions must not overlap (a promotion waits for the next sync instead of blocking)
         self._construct_lock = threading.Lock()
         self._gpu_listener: GpuTierListener | None = None
+        self._wakeup: Callable[[], None] = _no_wakeup
         self.snapshots = SnapshotManager(
             base_loader,
             policy=snapshot_policy,
@@ -193,6 +198,10 @@ class AdapterStore:
     @property
     def max_gpu_adapters(self) -> int:
         return self._max_gpu
+
+    def set_wakeup(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` (on a loader thread) when a background load ends: ``sync`` has news then."""
+        self._wakeup = wake
 
     def set_gpu_listener(self, listener: GpuTierListener | None) -> None:
         """Serve the GPU tier through ``listener`` from now on (engine thread). Adapters already there stay
@@ -359,8 +368,12 @@ class AdapterStore:
     def _start_load(self, source: AdapterSource) -> None:
         key = peft_name(source.name, source.digest)
         future = self._pool.submit(self._read, source, self._gpu_listener)
-        future.add_done_callback(lambda _: self._dirty.set())
+        future.add_done_callback(self._load_done)
         self._loading[key] = (source, future, time.perf_counter())
+
+    def _load_done(self, _: Future[LoadedAdapter]) -> None:
+        self._dirty.set()
+        self._wakeup()
 
     def _harvest_loads(self) -> None:
         for key, (source, future, t0) in list(self._loading.items()):

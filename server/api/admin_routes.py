@@ -108,9 +108,10 @@ def _store(request: Request) -> AdapterAdmin:
 
 
 @contextmanager
-def _store_errors(param: str | None) -> Iterator[None]:
-    """A store error (anything with an int HTTP ``status``) becomes an ``ApiError`` naming ``param``; any
-    other exception is a bug and propagates."""
+def _store_errors(param: str | None, *, name_param: str | None = None) -> Iterator[None]:
+    """A store error (anything with an int HTTP ``status``) becomes an ``ApiError`` naming ``param``
+    (``name_param`` when the adapter name itself was refused); any other exception is a bug and
+    propagates."""
     try:
         yield
     except Exception as exc:
@@ -124,7 +125,9 @@ def _store_errors(param: str | None) -> Iterator[None]:
             if status == 404
             else "invalid_request_error"
         )
-        raise ApiError(status, str(exc), type=kind, param=param, code=getattr(exc, "reason", None)) from exc
+        reason = getattr(exc, "reason", None)
+        named = name_param if reason == "bad_name" and name_param is not None else param
+        raise ApiError(status, str(exc), type=kind, param=named, code=reason) from exc
 
 
 def _find(store: AdapterAdmin, name: str) -> AdapterInfoView | None:
@@ -134,7 +137,7 @@ def _find(store: AdapterAdmin, name: str) -> AdapterInfoView | None:
 @router.post("/v1/load_lora_adapter", summary="Register (or re-register) an adapter and start loading it")
 def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request, _admin: AdminDep) -> AdminResult:
     store = _store(request)
-    with _store_errors("lora_path"):
+    with _store_errors("lora_path", name_param="lora_name"):
         info = store.load(body.lora_name, body.lora_path)
     return AdminResult(
         message=f"Success: LoRA adapter '{info.name}' added successfully.", adapter=AdapterEntry.of(info)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from server.api import admin_routes, openai_routes
-from server.api.auth import load_api_keys
+from server.api.auth import MetricsDep, load_api_keys
 from server.api.errors import ApiError, BodyLimitMiddleware, install_error_handlers
 from server.config import Settings
 from server.engine.engine import AsyncEngine
@@ -39,8 +39,10 @@ async def ready(request: Request) -> dict[str, str]:
     return {"status": "ready"}
 
 
-@probes.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
+@probes.get(
+    "/metrics", summary="Prometheus metrics (a metrics or admin key with --api-keys)", response_class=Response
+)
+async def metrics(request: Request, _scraper: MetricsDep) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -8,7 +8,9 @@ Keys file (``--api-keys FILE``, DESIGN section 4)::
       {"key": "sk-lab-456",              "tenant": "lab",  "adapters": "*"}
     ]}
 
-``adapters`` defaults to none, ``allow_base`` to true, ``admin`` to false. Keys are kept only as sha256
+``adapters`` defaults to none, ``allow_base`` to true, ``admin`` and ``metrics`` to false. ``/metrics``
+names adapters that served traffic, so with a keys file it answers only keys with ``"metrics": true`` (a
+scrape key: ``{"key": ..., "tenant": "prometheus", "metrics": true}``) or ``"admin": true``. Keys are kept only as sha256
 digests and compared in constant time against every entry. Without a keys file access is open and the admin
 routes answer loopback callers only.
 """
@@ -46,6 +48,7 @@ class Tenant:
     adapters: frozenset[str] | None = frozenset()
     allow_base: bool = True
     admin: bool = False
+    metrics: bool = False  # may scrape /metrics
 
     def may_use_adapter(self, adapter: str) -> bool:
         return self.adapters is None or adapter in self.adapters
@@ -62,6 +65,7 @@ class _KeyEntry(BaseModel):
     adapters: list[str] | Literal["*"] = Field(default_factory=list)
     allow_base: bool = True
     admin: bool = False
+    metrics: bool = False
 
 
 class _KeysFile(BaseModel):
@@ -122,7 +126,7 @@ def load_api_keys(path: Path | str) -> KeyRing:
         raise ApiKeysFileError(
             f"the API keys file {path} is invalid at {where}: {first['msg']} "
             '(expected {"keys": [{"key": ..., "tenant": ..., "adapters": [...] | "*", '
-            '"allow_base": bool, "admin": bool}]})'
+            '"allow_base": bool, "admin": bool, "metrics": bool}]})'
         ) from exc
     if not parsed.keys:
         raise ApiKeysFileError(f"the API keys file {path} lists no keys")
@@ -136,7 +140,7 @@ def load_api_keys(path: Path | str) -> KeyRing:
             raise ApiKeysFileError(f"{where}: the same key appears twice")
         seen.add(digest)
         adapters = None if entry.adapters == "*" else frozenset(entry.adapters)
-        entries.append((digest, Tenant(entry.tenant, adapters, entry.allow_base, entry.admin)))
+        entries.append((digest, Tenant(entry.tenant, adapters, entry.allow_base, entry.admin, entry.metrics)))
     return KeyRing(entries)
 
 
@@ -211,5 +215,22 @@ def require_admin(request: Request) -> Tenant:
     return tenant
 
 
+def require_metrics(request: Request) -> Tenant:
+    """A caller that may scrape ``/metrics``: anyone without a keys file; with one, a key with
+    ``"metrics": true`` or ``"admin": true`` (401 without a valid key, 403 for other keys)."""
+    if request.app.state.keyring is None:
+        return OPEN_ACCESS
+    tenant = authenticate(request)
+    if not (tenant.metrics or tenant.admin):
+        raise ApiError(
+            403,
+            'this route needs a key with "metrics": true (or an admin key) in the --api-keys file',
+            type="permission_error",
+            code="metrics_key_required",
+        )
+    return tenant
+
+
 TenantDep = Annotated[Tenant, Depends(authenticate)]
 AdminDep = Annotated[Tenant, Depends(require_admin)]
+MetricsDep = Annotated[Tenant, Depends(require_metrics)]

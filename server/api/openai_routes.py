@@ -7,6 +7,7 @@ or the base for a tenant with ``allow_base: false``.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -97,12 +98,14 @@ def _as_api_error() -> Iterator[None]:
         raise ApiError(exc.status, exc.message, param=exc.param, code=exc.code) from None
 
 
-def resolve_model(model: str, tenant: Tenant, engine: AsyncEngine) -> str | None:
-    """The adapter ``model`` names (None for the base); 404 if it is unknown or not the tenant's."""
+async def resolve_model(model: str, tenant: Tenant, engine: AsyncEngine) -> str | None:
+    """The adapter ``model`` names (None for the base); 404 if it is unknown or not the tenant's. The
+    first request for a newly dropped-in adapter folder validates and hashes its weights: on a worker
+    thread, never on the event loop."""
     if model == engine.model_id:
         if tenant.allow_base:
             return None
-    elif tenant.may_use_adapter(model) and engine.has_adapter(model):
+    elif tenant.may_use_adapter(model) and await asyncio.to_thread(engine.has_adapter, model):
         return model
     raise ApiError(
         404,
@@ -121,7 +124,7 @@ async def _generate(
     fmt: ResponseFormat,
 ) -> Response:
     # GenerationRequest -> engine -> TokenEvents -> response; submit() raises before any token.
-    token_stream = engine.submit(generation_request)
+    token_stream = await engine.add_request(generation_request)
     g = Generation(
         request_id=generation_request.request_id,
         model=body.model,
@@ -147,8 +150,11 @@ async def _generate(
             # On shutdown sse-starlette cancels open streams; give them the drain time to finish first.
             shutdown_grace_period=settings.shutdown_timeout + 1.0,
         )
-    if not await collect(request, engine, token_stream, g):
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    try:
+        if not await collect(request, engine, token_stream, g):
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+    finally:
+        g.log_finished()
     if g.error is not None:
         raise g.error
     return JSONResponse(fmt.response(g).model_dump(mode="json"), headers=headers)
@@ -162,7 +168,7 @@ async def _generate(
 )
 async def create_completion(request: Request, tenant: TenantDep, engine: EngineDep) -> Response:
     body = await read_request(request, CompletionRequest, engine.max_model_len)
-    adapter = resolve_model(body.model, tenant, engine)
+    adapter = await resolve_model(body.model, tenant, engine)
     with _as_api_error():
         # CompletionRequest -> GenerationRequest
         generation_request = body.to_generation_request(
@@ -179,7 +185,7 @@ async def create_completion(request: Request, tenant: TenantDep, engine: EngineD
 )
 async def create_chat_completion(request: Request, tenant: TenantDep, engine: EngineDep) -> Response:
     body = await read_request(request, ChatCompletionRequest, engine.max_model_len)
-    adapter = resolve_model(body.model, tenant, engine)
+    adapter = await resolve_model(body.model, tenant, engine)
     with _as_api_error():
         # ChatCompletionRequest -> GenerationRequest
         generation_request = body.to_generation_request(

@@ -6,6 +6,11 @@ small window of tokens twice, with and without the newest tokens, and releases t
 no longer ends in U+FFFD. The window starts with a few prompt tokens, so a tokenizer that drops the leading
 space of the first token it decodes (SentencePiece) still puts the space between prompt and completion.
 
+The wait is bounded: a character's UTF-8 bytes span at most four tokens, so text that still ends in U+FFFD
+after ``MAX_PENDING_TOKENS`` unreleased tokens ends in bytes that are not UTF-8 at all (a model can emit
+such tokens forever). They are released as U+FFFD, as decoding the whole output would show them, and the
+window restarts; without the bound every token re-decodes a window that keeps growing (quadratic).
+
 Stop strings are matched on the released text: any suffix that could still grow into a stop string is held
 back, and when one appears the text before it is released and the rest, the stop string included, never is.
 """
@@ -19,6 +24,8 @@ from server.engine.types import Tokenizer
 REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens decoded ahead of the output for context (vLLM uses 5 too).
 PROMPT_CONTEXT_TOKENS = 5
+# Unreleased tokens after which trailing U+FFFD is taken to be invalid bytes, not a character in progress.
+MAX_PENDING_TOKENS = 8
 
 
 class IncrementalDetokenizer:
@@ -64,7 +71,8 @@ class IncrementalDetokenizer:
             return ""
         self._window.append(token_id)
         new_text = self._tokenizer.decode(self._window)
-        if new_text.endswith(REPLACEMENT_CHAR):
+        pending = len(self._window) - self._read_offset
+        if new_text.endswith(REPLACEMENT_CHAR) and pending < MAX_PENDING_TOKENS:
             return ""  # an incomplete character: wait for the tokens that finish it
         return self._release(self._advance(new_text))
 

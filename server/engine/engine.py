@@ -19,6 +19,7 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -45,7 +46,7 @@ from server.metrics import FinishedRequest, Metrics, SchedulerState
 
 log = logging.getLogger("loraserve.engine")
 
-IDLE_WAIT_S = 0.05  # how long the loop sleeps with nothing to do before housekeeping again
+IDLE_WAIT_S = 0.05  # how long the loop sleeps with nothing to run before housekeeping again
 
 
 @dataclass(slots=True, frozen=True)
@@ -53,6 +54,18 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     max_loras_per_batch: int = 8
     max_queue: int = 256
+    # With nothing to run (no work, or every waiting sequence blocked on an adapter load) the loop waits
+    # this long, or until a submit, an abort or a finished load wakes it, before it looks again.
+    idle_wait_s: float = IDLE_WAIT_S
+
+
+@dataclass(slots=True)
+class LoopStats:
+    """Counters of the engine thread (written by it only; read by tests and benchmarks)."""
+
+    iterations: int = 0  # passes of the loop
+    waits: int = 0  # times it waited for news instead of iterating again
+    cpu_s: float = 0.0  # CPU time the thread spent iterating (time.thread_time)
 
 
 class RequestStream:
@@ -129,9 +142,14 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._draining = False
+        self._woken = False  # guarded by _cv: wake() was called since the loop last looked
         self._rng = random.SystemRandom()
         if metrics is not None:
             metrics.seed(self.model_id)
+        # Templating and tokenization of new requests run here, off the event loop; one thread, since a
+        # Hugging Face tokenizer is not meant to be driven from several threads at once.
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraserve-tokenize")
+        self.stats = LoopStats()
 
     # ------------------------------------------------------------------------------------ life cycle
 
@@ -147,6 +165,14 @@ class AsyncEngine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    def wake(self) -> None:
+        """Make the loop look again now (any thread): an adapter load finished, say. The runner gets this
+        as its wake-up call (``ModelRunner.set_wakeup``)."""
+        with self._cv:
+            self._woken = True
+            self._cv.notify_all()
 
     async def drain(self, timeout: float) -> None:
         """Stop admitting (``submit`` raises ``EngineNotReadyError``), let live requests finish for up to
@@ -186,14 +212,29 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------------------------ requests
 
+    async def add_request(self, request: GenerationRequest) -> RequestStream:
+        """``submit`` with the chat templating and tokenization on the engine's tokenizer thread, so that
+        a long prompt never holds up the event loop (the API's way in)."""
+        loop = asyncio.get_running_loop()
+        try:
+            seq = await loop.run_in_executor(self._tokenize_pool, self._to_sequence, request)
+        except EngineError as invalid:
+            self._count_rejection(invalid)
+            raise
+        return self._enqueue(request, seq)
+
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Validate and enqueue ``request``; raise an ``EngineError`` before any token if it cannot run.
-        Must be called on the event loop that will consume the stream."""
+        Must be called on the event loop that will consume the stream; tokenizes on the calling thread
+        (``add_request`` does not)."""
         try:
             seq = self._to_sequence(request)
         except EngineError as invalid:
             self._count_rejection(invalid, self.model_id)
             raise
+        return self._enqueue(request, seq)
+
+    def _enqueue(self, request: GenerationRequest, seq: Sequence) -> RequestStream:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         detok = IncrementalDetokenizer(
@@ -280,21 +321,34 @@ class AsyncEngine:
 
     def _run(self) -> None:
         log.info("engine loop started (%d slots, context %d)", self.runner.num_slots, self.max_model_len)
+        self.runner.set_wakeup(self.wake)
+        progressed = False
         while True:
             with self._cv:
                 if self._stopping:
                     break
-                if not (self._inbox or self._aborts or self.scheduler.has_work):
-                    self._cv.wait(IDLE_WAIT_S)
+                # Wait unless there is news or the last iteration ran something: with every waiting
+                # sequence blocked on an adapter load, iterating again could only spin.
+                if not (self._inbox or self._aborts or self._woken or progressed):
+                    self.stats.waits += 1
+                    self._cv.wait(self.config.idle_wait_s)
+                self._woken = False
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
+            self.stats.iterations += 1
+            t0 = time.thread_time()
             try:
-                self._iterate(inbox, aborts)
-            except Exception:  # the loop must survive anything a step or a hook throws
+                progressed = self._iterate(inbox, aborts)
+            except Exception as exc:  # the loop must survive anything a step or a hook throws
                 log.exception("engine iteration failed")
+                self._fail_all(StepFailedError(f"the engine failed: {type(exc).__name__}: {exc}"))
+                progressed = False
+            self.stats.cpu_s += time.thread_time() - t0
         log.info("engine loop stopped")
 
-    def _iterate(self, inbox: list[Sequence], aborts: list[tuple[str, str]]) -> None:
+    def _iterate(self, inbox: list[Sequence], aborts: list[tuple[str, str]]) -> bool:
+        """One pass: take in submissions and aborts, schedule, run a step. True if it ran a step or
+        finished a sequence (then the next pass may have work at once)."""
         for seq in inbox:
             self.scheduler.waiting.append(seq)
         for request_id, reason in aborts:
@@ -308,18 +362,47 @@ class AsyncEngine:
         for seq, exc in result.failed:
             self._finish(seq, FinishReason.ERROR, error=exc)
         batch = result.batch
+        progressed = bool(result.failed or aborts)
         if batch is not None:
+            progressed = True
             try:
                 output = self.runner.step(batch)
+                self._postprocess(batch, output)
             except Exception as exc:
+                # a step or its post-processing failed: every row of the batch still running ends here,
+                # with an error event, so that no client waits for a token that will never come
                 log.exception("%s step of %d sequences failed", batch.kind, len(batch))
                 error = StepFailedError(f"the model step failed: {type(exc).__name__}: {exc}")
                 for seq in batch.seqs:
-                    self._finish(seq, FinishReason.ERROR, error=error)
-            else:
-                self._postprocess(batch, output)
+                    if not seq.is_finished:
+                        self._finish(seq, FinishReason.ERROR, error=error)
         self._num_waiting = len(self.scheduler.waiting)
         self._update_gauges()
+        return progressed
+
+    def _fail_all(self, error: EngineError) -> None:
+        """After an unexpected failure outside a step: end every live request with ``error`` (the
+        scheduler's state can no longer be trusted to finish them normally)."""
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            try:
+                self._finish(seq, FinishReason.ERROR, error=error)
+            except Exception:
+                log.exception("finishing %s after an engine failure failed", seq.request_id)
+        for request_id, track in list(self._tracks.items()):  # whatever the scheduler no longer held
+            del self._tracks[request_id]
+            with self._cv:
+                self._live_ids.discard(request_id)
+            seq = track.seq
+            event = TokenEvent(
+                request_id,
+                "",
+                (),
+                seq.num_prompt_tokens,
+                seq.num_output_tokens,
+                finish_reason=FinishReason.ERROR,
+                error=error,
+            )
+            self._emit(track, event)
 
     def _postprocess(self, batch: Batch, output: StepOutput) -> None:
         """StepOutput -> TokenEvents, finishing sequences that hit EOS, a stop string or a length limit."""
@@ -378,15 +461,25 @@ class AsyncEngine:
         error: EngineError | None = None,
     ) -> None:
         slot = seq.slot
-        self.scheduler.finish(seq, reason)
-        if slot >= 0:
-            self.runner.free_slot(slot)
         track = self._tracks.pop(seq.request_id, None)
         with self._cv:
             self._live_ids.discard(seq.request_id)
-        if track is None:
-            return
-        event = TokenEvent(
+        try:
+            self.scheduler.finish(seq, reason)
+            if slot >= 0:
+                self.runner.free_slot(slot)
+        finally:  # the client hears of the end whatever freeing the row or counting it does
+            if track is not None:
+                try:
+                    self._record_finish(seq, track, reason, error)  # first: a client's answer is counted
+                finally:
+                    self._emit(track, self._final_event(seq, reason, text, last_token, error))
+
+    @staticmethod
+    def _final_event(
+        seq: Sequence, reason: FinishReason, text: str, last_token: int | None, error: EngineError | None
+    ) -> TokenEvent:
+        return TokenEvent(
             seq.request_id,
             text,
             () if last_token is None else (last_token,),
@@ -395,8 +488,6 @@ class AsyncEngine:
             finish_reason=reason,
             error=error,
         )
-        self._record_finish(seq, track, reason, error)  # first, so a client's answer is already counted
-        self._emit(track, event)
 
     def _record_finish(
         self, seq: Sequence, track: _Track, reason: FinishReason, error: EngineError | None

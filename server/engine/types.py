@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import math
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -357,6 +358,11 @@ class ModelRunner(Protocol):
 
     def housekeeping(self) -> None:
         """Between steps: move finished background loads into the model, apply version swaps."""
+        ...
+
+    def set_wakeup(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` (from any thread) whenever ``housekeeping`` may have news: a background load
+        finished. The engine waits for it instead of polling while every request waits on a load."""
         ...
 
     def step(self, batch: Batch) -> StepOutput: ...

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +96,7 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
-        self.sampler = Sampler(self._vocab_size, num_slots, self.device)
+        self.sampler = Sampler(self._vocab_size, num_slots, self.device, num_valid_ids=len(tokenizer.hf))
         self._masks = MaskLayout.of(model, self.dtype)
         self._init_fast_path(cuda_graphs and self._masks.is_plain, slot_lora, max_lora_rank)
         log.info(
@@ -157,6 +157,10 @@ class ModelRunner:
     def housekeeping(self) -> None:
         if self.store is not None:
             self.store.sync()  # type: ignore[attr-defined]
+
+    def set_wakeup(self, wake: Callable[[], None]) -> None:
+        if self.store is not None:
+            self.store.set_wakeup(wake)  # type: ignore[attr-defined]
 
     def free_slot(self, slot: int) -> None:
         self.sampler.free(slot)

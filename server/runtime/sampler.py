@@ -141,10 +141,19 @@ class Sampler:
     bucketed batch: whatever those rows sample is recorded there and never read by a real slot.
     """
 
-    def __init__(self, vocab_size: int, num_slots: int, device: torch.device) -> None:
+    def __init__(
+        self, vocab_size: int, num_slots: int, device: torch.device, num_valid_ids: int | None = None
+    ) -> None:
         if vocab_size < 1 or num_slots < 1:
             raise ValueError(f"vocab_size and num_slots must be positive, got {vocab_size}, {num_slots}")
         self.vocab_size = vocab_size
+        # Models pad their embedding past the tokenizer's vocabulary (to a multiple of 64, say); those ids
+        # decode to nothing, so they are never sampled.
+        valid = vocab_size if num_valid_ids is None else max(1, min(num_valid_ids, vocab_size))
+        self.num_valid_ids = valid
+        self._padded_ids = (
+            torch.arange(vocab_size, device=device) >= valid if valid < vocab_size else None
+        )  # [V] bool
         self.num_slots = num_slots
         self.device = torch.device(device)
         rows = num_slots + 1  # + the scratch slot for padding rows
@@ -218,6 +227,8 @@ class Sampler:
         if features is None:
             features = self.features()
         logits = logits.to(torch.float32)  # [B, V]
+        if self._padded_ids is not None:
+            logits = logits.masked_fill(self._padded_ids, float("-inf"))  # [B, V]
         fparams = self._float_params[slots]  # [B, 6]
         iparams = self._int_params[slots]  # [B, 3]
 

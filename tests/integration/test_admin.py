@@ -92,6 +92,9 @@ def test_server_starts_with_bad_folders(server: ServerProcess, dirs: tuple[Path,
 REFUSALS = [
     ("../evil", "{spare}", 400, "bad_name"),
     ("a/b", "{spare}", 400, "bad_name"),
+    ("0", "0" * 4000, 400, "bad_path"),  # longer than a file name may be (was a 500, found by schemathesis)
+    ("deep", "a/" * 2040, 400, "bad_path"),  # longer than a path may be
+    ("tilde", "~no-such-user-here/x", 404, "not_found"),
     ("escape", "../outside/stray", 400, "path_escape"),
     ("absolute", "{outside}/stray", 400, "path_escape"),
     ("pickled2", "pickled", 422, "no_safetensors"),
@@ -113,6 +116,7 @@ def test_load_refusals(
         response = http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
         error = assert_error(response, status)
         assert error["code"] == code and len(error["message"]) > 20
+        assert error["param"] == ("lora_name" if code == "bad_name" else "lora_path")
         assert sorted(adapters(http)) == sorted(names)  # nothing else changed
     assert not (adapter_dir.parent / "pwned").exists()
 

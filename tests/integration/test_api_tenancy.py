@@ -16,12 +16,13 @@ from tests.integration.api_server import ServerProcess, assert_error, metric_val
 
 pytestmark = pytest.mark.slow
 
-OPS, ACME, LAB = "sk-ops-0123456789", "sk-acme-123", "sk-lab-456"
+OPS, ACME, LAB, SCRAPE = "sk-ops-0123456789", "sk-acme-123", "sk-lab-456", "sk-prometheus-789"
 KEYS = {
     "keys": [
         {"key": "sha256:" + hashlib.sha256(OPS.encode()).hexdigest(), "tenant": "ops", "admin": True},
         {"key": ACME, "tenant": "acme", "adapters": ["pirate"], "allow_base": False},
         {"key": "sha256:" + hashlib.sha256(LAB.encode()).hexdigest(), "tenant": "lab", "adapters": "*"},
+        {"key": SCRAPE, "tenant": "prometheus", "metrics": True},
     ]
 }
 ADMIN_ROUTE = "/v1/adapters"
@@ -109,11 +110,36 @@ def test_openai_client_with_keys(server: ServerProcess) -> None:
 
 
 def test_rejections_are_counted(server: ServerProcess) -> None:
-    with server.http(LAB) as http:
+    with server.http(SCRAPE) as http:
         text = http.get("/metrics").text
     assert metric_value(text, "loraserve_requests_rejected_total", {"reason": "unauthorized"}) > 0
     assert metric_value(text, "loraserve_requests_rejected_total", {"reason": "not_found"}) > 0
     assert metric_value(text, "loraserve_requests_rejected_total", {"reason": "forbidden"}) > 0
+
+
+@pytest.mark.parametrize(
+    ("key", "status"), [(None, 401), ("sk-wrong", 401), (ACME, 403), (LAB, 403), (SCRAPE, 200), (OPS, 200)]
+)
+def test_metrics_need_a_scrape_or_admin_key(server: ServerProcess, key: str | None, status: int) -> None:
+    assert complete(server, ACME, "pirate").status_code == 200  # so that /metrics names an adapter
+    with server.http(key) as http:
+        response = http.get("/metrics")
+    if status == 200:
+        assert 'model_name="pirate"' in response.text
+    else:
+        error = assert_error(response, status)
+        assert "pirate" not in response.text
+        assert error["type"] == ("authentication_error" if status == 401 else "permission_error")
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/openapi.json", "/docs"])
+def test_open_routes_name_no_adapter(server: ServerProcess, path: str) -> None:
+    assert complete(server, ACME, "pirate").status_code == 200
+    with server.http() as http:
+        response = http.get(path)
+    assert response.status_code == 200
+    for name in ("pirate", "shout", "digits"):
+        assert name not in response.text, (path, name)
 
 
 def test_bad_keys_file_fails_at_start(tmp_path: Path) -> None:

@@ -66,6 +66,7 @@ def test_load_resolves_plain_and_sha256_keys(keyring: KeyRing) -> None:
         ({"keys": [{"tenant": "a"}]}, "keys.0.key"),
         ({"keys": [{"key": "k", "tenant": "a", "adapters": "all"}]}, "keys.0.adapters"),
         ({"keys": [{"key": "k", "tenant": "a", "admin": "yes"}]}, "keys.0.admin"),
+        ({"keys": [{"key": "k", "tenant": "a", "metrics": 1}]}, "keys.0.metrics"),
         ({"keys": [{"key": "k", "tenant": "a", "colour": "red"}]}, "keys.0.colour"),
         ({"keys": [{"key": "sha256:abc", "tenant": "a"}]}, "64 hex digits"),
         ({"keys": [{"key": "k", "tenant": "a"}, {"key": "k", "tenant": "b"}]}, "appears twice"),

@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.detokenizer import MAX_PENDING_TOKENS, PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
 from server.engine.types import ChatMessage
 
 TRAINING_TEXT = [
@@ -114,6 +114,54 @@ def test_decodes_a_small_window_not_the_whole_output(tokenizer: ByteLevelTokeniz
     _stream(detok, ids[50:])
     assert max(tokenizer.decoded_lengths) <= 8
     assert detok.text == tokenizer.decode(ids[50:])
+
+
+def _lone_byte_token(tokenizer: ByteLevelTokenizer, byte: int) -> int:
+    """The id of the token that is the single byte ``byte`` (byte-level BPE has one for each byte)."""
+    token_id = tokenizer._tokenizer.token_to_id(_byte_chars()[byte])
+    assert token_id is not None
+    return int(token_id)
+
+
+def _byte_chars() -> list[str]:
+    # GPT-2's byte -> printable character table, which ByteLevel uses
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def test_text_ending_in_invalid_bytes_keeps_the_window_bounded(tokenizer: ByteLevelTokenizer) -> None:
+    # 0xE2 opens a three-byte character; a model repeating it never completes one, and every decode ends
+    # in U+FFFD. The window must not grow with the output (it did: one token longer per token, quadratic).
+    lead = _lone_byte_token(tokenizer, 0xE2)
+    ids = [lead] * 400
+    assert tokenizer.decode(ids).endswith("\ufffd")
+    tokenizer.decoded_lengths.clear()
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Prompt: "))
+    pieces = _stream(detok, ids)
+    assert len(tokenizer.decoded_lengths) >= len(ids)
+    # the window: the released tokens kept as prefix (prompt context or the last release) + the pending ones
+    bound = max(PROMPT_CONTEXT_TOKENS, MAX_PENDING_TOKENS) + MAX_PENDING_TOKENS
+    assert max(tokenizer.decoded_lengths) <= bound
+    assert "".join(pieces) == detok.text == tokenizer.decode(ids)
+
+
+def test_a_character_completed_within_the_bound_is_still_whole(tokenizer: ByteLevelTokenizer) -> None:
+    # invalid lead bytes, then a real three-byte character (U+2728) byte by byte: released whole
+    ids = [_lone_byte_token(tokenizer, b) for b in (0xE2, 0xE2, 0xE2, 0x9C, 0xA8)]
+    detok = IncrementalDetokenizer(tokenizer, [])
+    assert "".join(_stream(detok, ids)) == tokenizer.decode(ids)
+    assert detok.text.endswith("\u2728")
 
 
 # (text, stop strings, released text, stopped)
