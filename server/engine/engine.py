@@ -219,7 +219,7 @@ class AsyncEngine:
         try:
             seq = await loop.run_in_executor(self._tokenize_pool, self._to_sequence, request)
         except EngineError as invalid:
-            self._count_rejection(invalid)
+            self._count_rejection(invalid, self.model_id)
             raise
         return self._enqueue(request, seq)
 
