@@ -332,8 +332,10 @@ class AsyncEngine:
                 f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len}",
                 param=param,
             )
-        if sampling.max_tokens is None:  # vLLM: up to the rest of the context
-            sampling = replace(sampling, max_tokens=self.max_model_len - len(prompt_ids))
+        if sampling.max_tokens is None:  # omitted: the endpoint's default, never past the context (vLLM)
+            room = self.max_model_len - len(prompt_ids)
+            default = request.default_max_tokens
+            sampling = replace(sampling, max_tokens=room if default is None else min(default, room))
         max_tokens = sampling.max_tokens or 0
         if sampling.min_tokens > max_tokens:
             raise InvalidRequestError(

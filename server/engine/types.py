@@ -252,6 +252,9 @@ class GenerationRequest:
     adapter: str | None = None
     tenant: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    # with sampling.max_tokens None: generate at most this many (None: up to the rest of the context);
+    # either way never more than the context leaves after the prompt
+    default_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
