@@ -206,6 +206,13 @@ class GenerationFields(BaseModel):
                 )
         return value
 
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _check_stop_token_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(t < 0 for t in value):
+            raise PydanticCustomError("stop_token_ids", "stop_token_ids must be non-negative token ids")
+        return value
+
     @field_validator("logit_bias")
     @classmethod
     def _check_logit_bias(cls, value: Any) -> dict[int, float] | None:
