@@ -272,14 +272,14 @@ class Sampler:
         self._clear_bias(slot)
         if params.logit_bias:
             if self._logit_bias is None:
-                self._logit_bias = torch.zeros_like(self._output_counts, dtype=torch.float32)
+                self._logit_bias = self._new_table(torch.float32)
             ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.int64, device=self.device)
             values = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32, device=self.device)
             self._logit_bias[slot, ids] = values
         blocked = params.min_tokens > 0 and bool(stop_token_ids)
         if blocked:
             if self._min_tokens_block is None:
-                self._min_tokens_block = torch.zeros_like(self._prompt_mask)
+                self._min_tokens_block = self._new_table(torch.bool)
             ids = torch.tensor(list(stop_token_ids), dtype=torch.int64, device=self.device)
             self._min_tokens_block[slot, ids] = True
         penalized = (
@@ -304,6 +304,12 @@ class Sampler:
         self._prompt_mask[slot].zero_()
         self._clear_bias(slot)
         self._active.pop(slot, None)
+
+    def _new_table(self, dtype: torch.dtype) -> torch.Tensor:
+        # a normal tensor even when the first use comes inside a step's inference mode: later in-place
+        # updates (start/free) run outside it
+        with torch.inference_mode(False):
+            return torch.zeros(self.num_slots + 1, self.vocab_size, dtype=dtype, device=self.device)
 
     def _clear_bias(self, slot: int) -> None:
         if self._logit_bias is not None:
