@@ -93,6 +93,7 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
         store=store,
         cuda_graphs=settings.cuda_graphs,
         max_lora_rank=settings.max_lora_rank,
+        logprobs_mode=settings.logprobs_mode,
     )
     if settings.preload_adapters:  # after the runner: its GPU tier listener prepares them as they load
         log.info("preloading %d adapters into the CPU tier", store.preload())
