@@ -47,22 +47,28 @@ def make_requests(engine: AsyncEngine, n: int, max_tokens: int, asking: int) -> 
     ]
 
 
-async def run_batch(engine: AsyncEngine, requests: list[GenerationRequest]) -> tuple[int, float]:
+async def run_batch(engine: AsyncEngine, requests: list[GenerationRequest]) -> tuple[int, int, float]:
+    """Output tokens, tokens that came with logprobs, seconds."""
     t0 = time.perf_counter()
-    tokens = 0
+    tokens = with_logprobs = 0
     async for event in engine.submit_many(requests):
         tokens += len(event.token_ids)
-    return tokens, time.perf_counter() - t0
+        with_logprobs += len(event.logprobs)
+    return tokens, with_logprobs, time.perf_counter() - t0
 
 
 async def measure(engine: AsyncEngine, n: int, max_tokens: int, rounds: int) -> dict[str, object]:
     await run_batch(engine, make_requests(engine, len(engine.adapter_names()) + 1, 4, 1))  # warm-up
     variants = {"without": 0, "all_with": n, "half_with": n // 2}
     rates: dict[str, list[float]] = {name: [] for name in variants}
+    logprob_tokens = dict.fromkeys(variants, 0)
     for _ in range(rounds):  # alternate, so drift on a shared box hits every variant alike
         for name, asking in variants.items():
-            tokens, seconds = await run_batch(engine, make_requests(engine, n, max_tokens, asking))
+            tokens, with_logprobs, seconds = await run_batch(
+                engine, make_requests(engine, n, max_tokens, asking)
+            )
             rates[name].append(tokens / seconds)
+            logprob_tokens[name] += with_logprobs
     best = {name: statistics.median(values) for name, values in rates.items()}
     base = best["without"]
     return {
@@ -72,11 +78,12 @@ async def measure(engine: AsyncEngine, n: int, max_tokens: int, rounds: int) -> 
         "rounds": rounds,
         "tokens_per_s": {k: round(v, 1) for k, v in best.items()},
         "ratio_to_without": {k: round(v / base, 3) for k, v in best.items()},
+        "tokens_with_logprobs": logprob_tokens,
         "machine": platform.processor() or platform.machine(),
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -85,7 +92,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     settings = Settings(device=args.device, max_num_seqs=max(args.requests, 1), max_model_len=256)
     engine, store = build_engine(settings)
     engine.start()
