@@ -21,6 +21,8 @@ but its own request: not on the slot number, the batch size, or its neighbours i
 
 Memory: per slot one int32 output-count row and one bool prompt-mask row of ``vocab_size`` entries, e.g.
 65 slots x 128k vocab x (4 + 1) B = 42 MB.
+The first request with ``logit_bias`` or ``min_tokens`` adds a float32 bias row and a bool "blocked until
+min_tokens" row per slot (another 42 MB there); servers that never see them never allocate them.
 """
 
 from __future__ import annotations
@@ -270,16 +272,16 @@ class Sampler:
             ids = torch.tensor(list(prompt_token_ids), dtype=torch.int64, device=self.device)
             self._prompt_mask[slot, ids] = True
         self._clear_bias(slot)
-        if params.logit_bias:
-            if self._logit_bias is None:
-                self._logit_bias = self._new_table(torch.float32)
+        blocked = params.min_tokens > 0 and bool(stop_token_ids)
+        if (params.logit_bias or blocked) and self._logit_bias is None:
+            # both tables at once: a captured decode graph of the "bias" stage holds both addresses
+            self._logit_bias = self._new_table(torch.float32)
+            self._min_tokens_block = self._new_table(torch.bool)
+        if params.logit_bias and self._logit_bias is not None:
             ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.int64, device=self.device)
             values = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32, device=self.device)
             self._logit_bias[slot, ids] = values
-        blocked = params.min_tokens > 0 and bool(stop_token_ids)
-        if blocked:
-            if self._min_tokens_block is None:
-                self._min_tokens_block = self._new_table(torch.bool)
+        if blocked and self._min_tokens_block is not None:
             ids = torch.tensor(list(stop_token_ids), dtype=torch.int64, device=self.device)
             self._min_tokens_block[slot, ids] = True
         penalized = (
