@@ -267,12 +267,7 @@ class AsyncEngine:
 
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """``/tokenize``: the ids the base's tokenizer (every adapter's) gives ``text``."""
-        tokenizer = self.runner.tokenizer
-        encode_plain = getattr(tokenizer, "encode_plain", None)
-        if encode_plain is None:
-            return tokenizer.encode(text)
-        ids: list[int] = encode_plain(text, add_special_tokens=add_special_tokens)
-        return ids
+        return self.runner.tokenizer.encode_plain(text, add_special_tokens=add_special_tokens)
 
     def tokenize_chat(self, messages: SequenceABC[ChatMessage]) -> list[int]:
         """``/tokenize`` of a conversation: the chat prompt the engine would run."""

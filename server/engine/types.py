@@ -315,6 +315,10 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_plain(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """``encode`` with the choice of special tokens (``/tokenize``)."""
+        ...
+
     def encode_chat(self, messages: SequenceABC[ChatMessage]) -> list[int]: ...
 
     def decode(
