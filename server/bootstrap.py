@@ -97,6 +97,7 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
         store=store,
         cuda_graphs=settings.cuda_graphs,
         max_lora_rank=settings.max_lora_rank,
+        logprobs_mode=settings.logprobs_mode,
     )
     if metrics is not None:
         metrics.set_cache_config(

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     max_loras_per_batch: int = Field(8, ge=1, description="distinct adapters in one step")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs (CUDA only)")
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = Field(
+        "raw_logprobs",
+        description="logprobs of the model's logits (vLLM's default) or of the distribution sampled from",
+    )
 
     # ---- adapters
     adapter_dir: Path | None = Field(None, description="folder of adapter folders (name = folder name)")

@@ -73,6 +73,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
     app.include_router(openai_routes.router)
+    app.include_router(openai_routes.tokenizer_router)
     app.include_router(probes)
     app.include_router(admin_routes.router)
     return app

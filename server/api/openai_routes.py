@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``.
+"""The OpenAI-compatible routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` (and
+``/v1/models/{id}``), and vLLM's ``/tokenize`` and ``/detokenize``.
 
 ``model`` names the base (``engine.model_id``) or an adapter. A model the tenant may not use answers
 exactly like one that does not exist (404 ``model_not_found``), whether it is another tenant's adapter
@@ -11,10 +12,11 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
 from server.api.auth import Tenant, TenantDep
@@ -22,15 +24,21 @@ from server.api.errors import ApiError
 from server.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     GenerationFields,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     parse_request,
 )
 from server.api.streaming import (
     ChatFormat,
+    Choice,
     CompletionFormat,
     Generation,
+    LogprobStyle,
     ResponseFormat,
     await_first_event,
     collect,
@@ -41,6 +49,7 @@ from server.engine.engine import AsyncEngine
 from server.engine.types import EngineError, FinishReason, GenerationRequest, InvalidRequestError
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+tokenizer_router = APIRouter(tags=["vllm"])
 
 OWNED_BY = "loraserve"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; never reaches anyone
@@ -54,7 +63,7 @@ def get_engine(request: Request) -> AsyncEngine:
 EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
 
 
-def _json_body(schema: type[GenerationFields]) -> dict[str, Any]:
+def _json_body(schema: type[BaseModel]) -> dict[str, Any]:
     # The body is read and validated by hand (strict JSON, see schemas.parse_json); this only documents it,
     # with pydantic's local $defs inlined so that the OpenAPI document stays self-consistent.
     document = schema.model_json_schema()
@@ -73,7 +82,11 @@ def _json_body(schema: type[GenerationFields]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(document)}}}}
 
 
-RequestT = TypeVar("RequestT", bound=GenerationFields)
+class _Checked(Protocol):
+    def check_supported(self, max_model_len: int) -> None: ...
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
 async def read_request(request: Request, schema: type[RequestT], max_model_len: int) -> RequestT:
@@ -84,7 +97,8 @@ async def read_request(request: Request, schema: type[RequestT], max_model_len: 
         raw += chunk
     with _as_api_error():
         body = parse_request(bytes(raw), schema)
-        body.check_supported(max_model_len)
+        checked: _Checked = body  # type: ignore[assignment]
+        checked.check_supported(max_model_len)
     return body
 
 
@@ -117,20 +131,41 @@ async def resolve_model(model: str, tenant: Tenant, engine: AsyncEngine) -> str 
 
 async def _generate(
     request: Request,
-    engine: AsyncEngine,
+    engine: EngineDep,
     tenant: Tenant,
     body: GenerationFields,
-    generation_request: GenerationRequest,
+    requests: list[GenerationRequest],
+    response_id: str,
     fmt: ResponseFormat,
+    *,
+    echo_prompts: list[str | list[int]] | None = None,
 ) -> Response:
-    # GenerationRequest -> engine -> TokenEvents -> response; submit() raises before any token.
-    token_stream = await engine.add_request(generation_request)
+    # GenerationRequests (one per choice) -> engine -> TokenEvents -> response; submit raises before any token.
+    token_stream = await engine.add_requests(requests)  # the engine counts its own refusals
+    n = body.n_choices
+    choices = []
+    for index, (request_id, prompt_ids) in enumerate(
+        zip(token_stream.request_ids, token_stream.prompt_token_ids, strict=True)
+    ):
+        prompt_text = ""
+        if echo_prompts is not None:
+            prompt = echo_prompts[index // n]
+            prompt_text = prompt if isinstance(prompt, str) else engine.detokenize(prompt)
+        choices.append(
+            Choice(
+                index=index,
+                request_id=request_id,
+                prompt_token_ids=prompt_ids,
+                counts_prompt=index % n == 0,
+                prompt_text=prompt_text,
+            )
+        )
     g = Generation(
-        request_id=generation_request.request_id,
+        request_id=response_id,
         model=body.model,
-        adapter=generation_request.adapter,
+        adapter=requests[0].adapter,
         tenant=tenant.name,
-        prompt_tokens=token_stream.prompt_tokens,
+        choices=choices,
     )
     headers = {"X-Request-Id": g.request_id}
     if body.stream:
@@ -139,6 +174,8 @@ async def _generate(
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         first = await token_stream.peek()
         if first.finish_reason is FinishReason.ERROR and not first.token_ids:
+            for request_id in token_stream.request_ids:
+                engine.abort(request_id, "error")
             g.absorb(first)
             g.log_finished()
             raise first.error or EngineError("generation failed")
@@ -160,6 +197,13 @@ async def _generate(
     return JSONResponse(fmt.response(g).model_dump(mode="json"), headers=headers)
 
 
+def _style(engine: AsyncEngine, body: GenerationFields) -> LogprobStyle:
+    return LogprobStyle(
+        token_text=lambda token_id: engine.token_texts([token_id])[0],
+        as_token_ids=bool(body.return_tokens_as_token_ids),
+    )
+
+
 @router.post(
     "/completions",
     response_model=None,
@@ -169,12 +213,18 @@ async def _generate(
 async def create_completion(request: Request, tenant: TenantDep, engine: EngineDep) -> Response:
     body = await read_request(request, CompletionRequest, engine.max_model_len)
     adapter = await resolve_model(body.model, tenant, engine)
+    response_id = f"cmpl-{uuid.uuid4().hex}"
     with _as_api_error():
-        # CompletionRequest -> GenerationRequest
-        generation_request = body.to_generation_request(
-            f"cmpl-{uuid.uuid4().hex}", adapter=adapter, tenant=tenant.name
-        )
-    return await _generate(request, engine, tenant, body, generation_request, CompletionFormat())
+        # CompletionRequest -> GenerationRequests (one per choice)
+        requests = body.to_generation_requests(response_id, adapter=adapter, tenant=tenant.name)
+    fmt = CompletionFormat(
+        logprobs=body.logprobs,
+        echo=bool(body.echo),
+        style=_style(engine, body),
+        prompt_logprobs=body.prompt_logprobs is not None,
+    )
+    echo = body.prompts() if body.echo else None
+    return await _generate(request, engine, tenant, body, requests, response_id, fmt, echo_prompts=echo)
 
 
 @router.post(
@@ -186,19 +236,19 @@ async def create_completion(request: Request, tenant: TenantDep, engine: EngineD
 async def create_chat_completion(request: Request, tenant: TenantDep, engine: EngineDep) -> Response:
     body = await read_request(request, ChatCompletionRequest, engine.max_model_len)
     adapter = await resolve_model(body.model, tenant, engine)
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
     with _as_api_error():
-        # ChatCompletionRequest -> GenerationRequest
-        generation_request = body.to_generation_request(
-            f"chatcmpl-{uuid.uuid4().hex}",
-            adapter=adapter,
-            tenant=tenant.name,
-            max_model_len=engine.max_model_len,
-        )
-    return await _generate(request, engine, tenant, body, generation_request, ChatFormat())
+        # ChatCompletionRequest -> GenerationRequests (one per choice)
+        requests = body.to_generation_requests(response_id, adapter=adapter, tenant=tenant.name)
+    fmt = ChatFormat(
+        logprobs=bool(body.logprobs),
+        style=_style(engine, body),
+        prompt_logprobs=body.prompt_logprobs is not None,
+    )
+    return await _generate(request, engine, tenant, body, requests, response_id, fmt)
 
 
-@router.get("/models", summary="The base model and the adapters the caller may use")
-async def list_models(request: Request, tenant: TenantDep, engine: EngineDep) -> ModelList:
+def _model_cards(request: Request, tenant: Tenant, engine: AsyncEngine) -> list[ModelCard]:
     created: int = request.app.state.started_at
     base = engine.model_id
     cards = []
@@ -220,4 +270,54 @@ async def list_models(request: Request, tenant: TenantDep, engine: EngineDep) ->
                     max_model_len=engine.max_model_len,
                 )
             )
-    return ModelList(data=cards)
+    return cards
+
+
+@router.get("/models", summary="The base model and the adapters the caller may use")
+async def list_models(request: Request, tenant: TenantDep, engine: EngineDep) -> ModelList:
+    return ModelList(data=_model_cards(request, tenant, engine))
+
+
+@router.get("/models/{model_id:path}", summary="One model the caller may use (404 otherwise)")
+async def retrieve_model(model_id: str, request: Request, tenant: TenantDep, engine: EngineDep) -> ModelCard:
+    await resolve_model(model_id, tenant, engine)  # 404 exactly as for generation
+    return next(card for card in _model_cards(request, tenant, engine) if card.id == model_id)
+
+
+# ------------------------------------------------------------------------------------ vLLM tokenizer
+
+
+@tokenizer_router.post(
+    "/tokenize",
+    response_model=None,
+    summary="Token ids of a prompt or a conversation (vLLM); model = an adapter or the base",
+    openapi_extra=_json_body(TokenizeRequest),
+)
+async def tokenize(request: Request, tenant: TenantDep, engine: EngineDep) -> TokenizeResponse:
+    body = await read_request(request, TokenizeRequest, engine.max_model_len)
+    await resolve_model(body.model, tenant, engine)  # every adapter shares the base's tokenizer
+    with _as_api_error():
+        if body.messages is not None:
+            ids = engine.tokenize_chat([m.to_chat_message() for m in body.messages])
+        else:
+            ids = engine.tokenize(body.prompt or "", add_special_tokens=body.add_special_tokens)
+    return TokenizeResponse(
+        count=len(ids),
+        max_model_len=engine.max_model_len,
+        tokens=ids,
+        token_strs=engine.token_texts(ids) if body.return_token_strs else None,
+    )
+
+
+@tokenizer_router.post(
+    "/detokenize",
+    response_model=None,
+    summary="Text of token ids (vLLM); model = an adapter or the base",
+    openapi_extra=_json_body(DetokenizeRequest),
+)
+async def detokenize(request: Request, tenant: TenantDep, engine: EngineDep) -> DetokenizeResponse:
+    body = await read_request(request, DetokenizeRequest, engine.max_model_len)
+    await resolve_model(body.model, tenant, engine)
+    with _as_api_error():
+        text = engine.detokenize(body.tokens)
+    return DetokenizeResponse(prompt=text)

@@ -3,7 +3,10 @@ HTTP body -> ``CompletionRequest`` / ``ChatCompletionRequest`` (validated) -> ``
 
 Bad input never gets past this module: ``parse_request`` raises ``InvalidRequestError`` (400) naming the
 offending ``param`` for malformed or deeply nested JSON, NaN/Infinity (raw ``NaN`` tokens included), wrong
-types, out-of-range values and OpenAI features this server does not implement.
+types, out-of-range values, OpenAI or vLLM features this server does not implement, and fields it does not
+know. A field is either honoured, or refused, or on the short list of fields that change nothing about
+generation and are ignored (``IGNORED_FIELDS``): a vLLM field such as ``guided_json`` is never silently
+dropped.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from server.engine.types import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_LOGPROBS,
     MAX_SEED,
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
     ChatMessage,
     FinishReason,
     GenerationRequest,
@@ -28,8 +35,13 @@ from server.engine.types import (
 
 MAX_JSON_DEPTH = 32
 MAX_MODEL_NAME_CHARS = 256
-DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-DEFAULT_CHAT_MAX_TOKENS = 512  # OpenAI's chat default is "the rest of the context"; ours is bounded
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+MAX_N = 16  # choices per prompt
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
+MAX_CHOICES = 64  # prompts x n
+# Fields that change nothing about what is generated (OpenAI's bookkeeping): accepted and ignored.
+IGNORED_FIELDS = frozenset({"metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"})
+_SEED_STRIDE = 0x9E3779B97F4A7C15  # choice j of a seeded request samples with seed + j * stride (mod 2**64)
 
 # ------------------------------------------------------------------------------------------ JSON body
 
@@ -82,12 +94,16 @@ def parse_request(raw: bytes, model: type[ModelT]) -> ModelT:
     value = parse_json(raw)
     if not isinstance(value, dict):
         raise InvalidRequestError("the body must be a JSON object")
+    if issubclass(model, GenerationFields):
+        value = {k: v for k, v in value.items() if k not in IGNORED_FIELDS}
     try:
         return model.model_validate(value)
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         param = _param_from_loc(value, error["loc"], missing=error["type"] == "missing")
         message = str(error["msg"])
+        if error["type"] == "extra_forbidden":
+            message = "this field is not supported by this server"
         raise InvalidRequestError(f"{param}: {message}" if param else message, param=param) from None
 
 
@@ -122,10 +138,11 @@ def _is_default(value: Any, defaults: tuple[Any, ...]) -> bool:
 
 
 class GenerationFields(BaseModel):
-    """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI-compatible servers do;
-    known OpenAI features that this server lacks are refused unless they carry their default."""
+    """Fields shared by both endpoints. A field this server does not know is refused (400 naming it),
+    except ``IGNORED_FIELDS``; known OpenAI features that it lacks are refused unless they carry their
+    default."""
 
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS)
     max_tokens: int | None = Field(None, ge=1)
@@ -136,19 +153,43 @@ class GenerationFields(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     user: str | None = Field(None, max_length=256)
-    n: int | None = Field(None, ge=1, le=128)
+    n: int | None = Field(None, ge=1, le=MAX_N)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    logit_bias: Any = None  # {"token id": bias in [-100, 100]}, checked by _check_logit_bias
     # vLLM's extras
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool | None = None
-    # OpenAI features we do not implement: accepted only at their defaults
-    logit_bias: Any = None
+    min_tokens: int | None = Field(None, ge=0)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # structured outputs (vLLM's names; another module implements them): refused until then
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    structured_outputs: Any = None
+    response_format: Any = None
 
     # field -> the values that mean "not used"
-    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {"logit_bias": (None, {})}
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "guided_json": (None,),
+        "guided_regex": (None,),
+        "guided_choice": (None,),
+        "guided_grammar": (None,),
+        "guided_decoding_backend": (None,),
+        "guided_whitespace_pattern": (None,),
+        "structured_outputs": (None,),
+        "response_format": (None, {"type": "text"}),
+    }
 
     @field_validator("stop")
     @classmethod
@@ -165,14 +206,45 @@ class GenerationFields(BaseModel):
                 )
         return value
 
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _check_stop_token_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(t < 0 for t in value):
+            raise PydanticCustomError("stop_token_ids", "stop_token_ids must be non-negative token ids")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: Any) -> dict[int, float] | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise PydanticCustomError("logit_bias", "logit_bias must be an object of token id -> bias")
+        if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+            raise PydanticCustomError(
+                "logit_bias", f"logit_bias may have at most {MAX_LOGIT_BIAS_ENTRIES} entries"
+            )
+        out: dict[int, float] = {}
+        for key, bias in value.items():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
+                raise PydanticCustomError(
+                    "logit_bias", "logit_bias keys must be token ids (non-negative integers as strings)"
+                )
+            if isinstance(bias, bool) or not isinstance(bias, int | float):
+                raise PydanticCustomError("logit_bias", "logit_bias values must be numbers")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise PydanticCustomError(
+                    "logit_bias", f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+                )
+            out[int(key)] = float(bias)
+        return out
+
     def check_supported(self, max_model_len: int) -> None:
-        """Refuse what validation alone cannot: unimplemented features in use, n > 1, stream_options
-        without stream, a max_tokens no prompt could fit."""
+        """Refuse what validation alone cannot: unimplemented features in use, stream_options without
+        stream, a max_tokens no prompt could fit, min_tokens above max_tokens, too many choices."""
         for name, defaults in self.UNSUPPORTED.items():
             if not _is_default(getattr(self, name), defaults):
                 raise InvalidRequestError(f"{name} is not supported by this server", param=name)
-        if self.n is not None and self.n != 1:
-            raise InvalidRequestError("only n=1 is supported", param="n")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError(
                 "stream_options is only allowed with stream: true", param="stream_options"
@@ -182,6 +254,16 @@ class GenerationFields(BaseModel):
             raise InvalidRequestError(
                 f"max_tokens is {max_tokens}; this model's context is {max_model_len} tokens, prompt included",
                 param=self.max_tokens_param,
+            )
+        if self.min_tokens and max_tokens is not None and self.min_tokens > max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens ({self.min_tokens}) must not exceed {self.max_tokens_param} ({max_tokens})",
+                param="min_tokens",
+            )
+        if self.num_choices > MAX_CHOICES:
+            raise InvalidRequestError(
+                f"{self.num_choices} choices requested (prompts x n); at most {MAX_CHOICES} are allowed",
+                param="n",
             )
 
     @property
@@ -193,14 +275,27 @@ class GenerationFields(BaseModel):
         return "max_tokens"
 
     @property
+    def n_choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def num_choices(self) -> int:
+        return self.n_choices
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options is not None and self.stream_options.include_usage)
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        """Re-validated by ``SamplingParams`` itself (raises ``InvalidSamplingParamsError`` naming the field)."""
+    def sampling_params(
+        self, *, logprobs: int | None, prompt_logprobs: int | None, choice: int = 0
+    ) -> SamplingParams:
+        """Re-validated by ``SamplingParams`` itself (raises ``InvalidSamplingParamsError`` naming the field).
+        ``max_tokens`` None: the engine fills in the rest of the context (or the endpoint's default).
+        Choice ``j`` of a seeded request samples with its own seed derived from the request's (choice 0 with
+        the request's own), so ``n`` choices differ and the whole response is reproducible."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
-            max_tokens=self.requested_max_tokens or default_max_tokens,
+            max_tokens=self.requested_max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k is None else self.top_k,
@@ -208,57 +303,102 @@ class GenerationFields(BaseModel):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
-            seed=self.seed,
+            seed=None if self.seed is None else choice_seed(self.seed, choice),
             stop=stop,
             ignore_eos=bool(self.ignore_eos),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            logit_bias=tuple(sorted((self.logit_bias or {}).items())),
+            min_tokens=self.min_tokens or 0,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            skip_special_tokens=self.skip_special_tokens is not False,
+            spaces_between_special_tokens=self.spaces_between_special_tokens is not False,
+            include_stop_str_in_output=bool(self.include_stop_str_in_output),
         )
 
 
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of choice ``choice`` of a request seeded with ``seed`` (an int64, as the sampler wants)."""
+    value = (seed + choice * _SEED_STRIDE) % (1 << 64)
+    return value - (1 << 64) if value > MAX_SEED else value
+
+
 class CompletionRequest(GenerationFields):
-    """``POST /v1/completions``. One prompt: a string or a list of token ids (a one-element batch of
-    either is accepted too)."""
+    """``POST /v1/completions``. ``prompt`` is a string, a list of token ids, or a list of either (one
+    choice per prompt and ``n``, at most ``MAX_PROMPTS`` prompts). ``max_tokens`` 0 is allowed with
+    ``echo`` (the prompt's logprobs only)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    echo: Any = None
+    max_tokens: int | None = Field(None, ge=0)
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: Any = None
-    logprobs: Any = None
     suffix: Any = None
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
         **GenerationFields.UNSUPPORTED,
-        "echo": (None, False),
-        "best_of": (None, 1),
-        "logprobs": (None,),
+        "best_of": (None, 1),  # vLLM dropped it too
         "suffix": (None, ""),
     }
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[Any]) -> str | list[int]:
-        if isinstance(value, str):
-            return value
-        if value and isinstance(value[0], str | list):
-            if len(value) != 1:
-                raise PydanticCustomError("batch_prompt", "only one prompt per request is supported")
-            only: str | list[int] = value[0]
-            return only
+    def _check_prompts(cls, value: str | list[Any]) -> str | list[Any]:
+        batch = isinstance(value, list) and value and isinstance(value[0], str | list)
+        if batch and len(value) > MAX_PROMPTS:
+            raise PydanticCustomError(
+                "too_many_prompts", f"at most {MAX_PROMPTS} prompts per request are allowed"
+            )
         return value
 
-    def single_prompt(self) -> str | list[int]:
-        # _one_prompt already unwrapped one-element batches.
-        return self.prompt  # type: ignore[return-value]
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request, in order."""
+        value = self.prompt
+        if isinstance(value, list) and value and isinstance(value[0], str | list):
+            return list(value)
+        return [value]  # type: ignore[list-item]
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts()) * self.n_choices
+
+    def check_supported(self, max_model_len: int) -> None:
+        super().check_supported(max_model_len)
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError("max_tokens 0 is only allowed with echo: true", param="max_tokens")
+
+    def to_generation_requests(
+        self, request_id: str, *, adapter: str | None, tenant: str
+    ) -> list[GenerationRequest]:
+        """CompletionRequest -> one GenerationRequest per choice: prompt ``i``, choice ``j`` has index
+        ``i * n + j`` and id ``{request_id}-{index}``."""
+        # echo with logprobs reports the prompt tokens' logprobs too (that is how harnesses score text)
+        prompt_logprobs = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:
+            prompt_logprobs = max(self.logprobs, prompt_logprobs or 0)
+        n = self.n_choices
+        requests = []
+        for i, prompt in enumerate(self.prompts()):
+            for j in range(n):
+                requests.append(
+                    GenerationRequest(
+                        request_id=f"{request_id}-{i * n + j}",
+                        sampling=self.sampling_params(
+                            logprobs=self.logprobs, prompt_logprobs=prompt_logprobs, choice=j
+                        ),
+                        prompt=prompt,
+                        adapter=adapter,
+                        tenant=tenant,
+                        default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS,
+                    )
+                )
+        return requests
 
     def to_generation_request(
         self, request_id: str, *, adapter: str | None, tenant: str
     ) -> GenerationRequest:
-        # CompletionRequest -> GenerationRequest
-        return GenerationRequest(
-            request_id=request_id,
-            sampling=self.sampling_params(DEFAULT_COMPLETION_MAX_TOKENS),
-            prompt=self.single_prompt(),
-            adapter=adapter,
-            tenant=tenant,
-        )
+        """The first choice's request (a one-prompt, n=1 request has only that one)."""
+        return self.to_generation_requests(request_id, adapter=adapter, tenant=tenant)[0]
 
 
 class ChatMessageIn(BaseModel):
@@ -296,17 +436,17 @@ class ChatMessageIn(BaseModel):
 
 
 class ChatCompletionRequest(GenerationFields):
-    """``POST /v1/chat/completions``; the engine renders ``messages`` with the tokenizer's chat template."""
+    """``POST /v1/chat/completions``; the engine renders ``messages`` with the tokenizer's chat template.
+    ``max_completion_tokens``/``max_tokens`` omitted: up to the rest of the context, as vLLM."""
 
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Any = None
-    top_logprobs: Any = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -314,13 +454,10 @@ class ChatCompletionRequest(GenerationFields):
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
         **GenerationFields.UNSUPPORTED,
-        "logprobs": (None, False),
-        "top_logprobs": (None, 0),
         "tools": (None, []),
         "tool_choice": (None, "none", "auto"),
         "functions": (None, []),
         "function_call": (None, "none", "auto"),
-        "response_format": (None, {"type": "text"}),
         "audio": (None,),
         "modalities": (None, ["text"]),
         "prediction": (None,),
@@ -335,29 +472,49 @@ class ChatCompletionRequest(GenerationFields):
     def max_tokens_param(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
+    def check_supported(self, max_model_len: int) -> None:
+        super().check_supported(max_model_len)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs: true", param="top_logprobs")
+
+    def to_generation_requests(
+        self, request_id: str, *, adapter: str | None, tenant: str
+    ) -> list[GenerationRequest]:
+        """ChatCompletionRequest -> one GenerationRequest per choice (id ``{request_id}-{index}``)."""
+        messages = [m.to_chat_message() for m in self.messages]
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return [
+            GenerationRequest(
+                request_id=f"{request_id}-{j}",
+                sampling=self.sampling_params(
+                    logprobs=logprobs, prompt_logprobs=self.prompt_logprobs, choice=j
+                ),
+                messages=messages,
+                adapter=adapter,
+                tenant=tenant,
+            )
+            for j in range(self.n_choices)
+        ]
+
     def to_generation_request(
-        self, request_id: str, *, adapter: str | None, tenant: str, max_model_len: int
+        self, request_id: str, *, adapter: str | None, tenant: str
     ) -> GenerationRequest:
-        # ChatCompletionRequest -> GenerationRequest
-        return GenerationRequest(
-            request_id=request_id,
-            sampling=self.sampling_params(min(DEFAULT_CHAT_MAX_TOKENS, max_model_len // 2)),
-            messages=[m.to_chat_message() for m in self.messages],
-            adapter=adapter,
-            tenant=tenant,
-        )
+        """The first choice's request."""
+        return self.to_generation_requests(request_id, adapter=adapter, tenant=tenant)[0]
 
 
 # ----------------------------------------------------------------------------------------- responses
 
-OpenAIFinishReason = Literal["stop", "length"]
+OpenAIFinishReason = Literal["stop", "length", "abort"]
 
 
 def openai_finish_reason(reason: FinishReason) -> OpenAIFinishReason:
-    """The contract allows ``stop|length|content_filter`` (and tool calls for chat), not ``abort``.
-    An aborted request (drain timeout) reports ``length``: its text was cut short, which is what a client
-    checking for ``length`` should conclude. Errors never reach here (they are error events)."""
-    return "stop" if reason is FinishReason.STOP else "length"
+    """``stop`` and ``length`` as OpenAI; an aborted request (drain timeout) reports ``abort``, as vLLM
+    does, in the plain response and the stream alike (OpenAI's schema has no such value: a client
+    that checks for ``stop``/``length`` sees neither). Errors never reach here (they are error events)."""
+    if reason is FinishReason.STOP:
+        return "stop"
+    return "abort" if reason is FinishReason.ABORT else "length"
 
 
 class Usage(BaseModel):
@@ -374,11 +531,37 @@ class Usage(BaseModel):
         )
 
 
+def _none(value: Any) -> bool:
+    return value is None
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs object: per token its text, offset in the choice's text (counted over the
+    token texts, as vLLM), logprob (None for an echoed prompt's first token) and top alternatives."""
+
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None]
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's ``prompt_logprobs`` entry for one token id at one prompt position."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: OpenAIFinishReason | None
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_none)
 
 
 class CompletionResponse(BaseModel):
@@ -389,7 +572,7 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = Field(default=None, exclude_if=lambda v: v is None)
+    usage: Usage | None = Field(default=None, exclude_if=_none)
 
 
 class ChatMessageOut(BaseModel):
@@ -398,10 +581,27 @@ class ChatMessageOut(BaseModel):
     refusal: None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    """OpenAI's ``ChatCompletionTokenLogprob``."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: OpenAIFinishReason
 
 
@@ -412,17 +612,18 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_none)
 
 
 class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = Field(default=None, exclude_if=lambda v: v is None)
-    content: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=_none)
+    content: str | None = Field(default=None, exclude_if=_none)
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: OpenAIFinishReason | None = None
 
 
@@ -432,7 +633,8 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = Field(default=None, exclude_if=lambda v: v is None)
+    usage: Usage | None = Field(default=None, exclude_if=_none)
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_none)
 
 
 class ModelCard(BaseModel):
@@ -448,3 +650,50 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ------------------------------------------------------------------------------------ tokenize (vLLM)
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize`` (vLLM): ``prompt``, or ``messages`` rendered with the chat template."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS)
+    prompt: str | None = Field(None, max_length=1 << 20)
+    messages: list[ChatMessageIn] | None = Field(None, min_length=1, max_length=4096)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    def check_supported(self, max_model_len: int) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
+        if self.messages is not None and not self.add_generation_prompt:
+            raise InvalidRequestError(
+                "add_generation_prompt: false is not supported", param="add_generation_prompt"
+            )
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize`` (vLLM)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS)
+    tokens: list[int] = Field(max_length=1 << 20)
+
+    def check_supported(self, max_model_len: int) -> None:
+        return None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -1,6 +1,6 @@
 """``TokenEvent``s -> OpenAI responses: SSE chunks for ``stream: true``, one JSON body otherwise.
 
-Either way a client that goes away becomes exactly one ``engine.abort(request_id, "disconnect")``: the SSE
+Either way a client that goes away becomes one ``engine.abort(request_id, "disconnect")`` per choice: the SSE
 generator is cancelled by sse-starlette when the client disconnects; a plain request watches
 ``http.disconnect`` while it waits for the engine. Each finished request writes one log line.
 """
@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -26,13 +26,19 @@ from server.api.schemas import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     ChatMessageOut,
+    ChatTokenLogprob,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionResponse,
+    PromptLogprob,
+    PromptLogprobs,
+    TopLogprob,
     Usage,
     openai_finish_reason,
 )
-from server.engine.types import EngineError, FinishReason, TokenEvent
+from server.engine.types import EngineError, FinishReason, TokenEvent, TokenLogprobs
 
 if TYPE_CHECKING:
     from server.engine.engine import AsyncEngine, RequestStream
@@ -43,43 +49,90 @@ DONE = "[DONE]"
 
 
 @dataclass(slots=True)
-class Generation:
-    """One request's output as it arrives; complete after the event that carries ``finish_reason``."""
+class Choice:
+    """One choice of a response (one engine request): its output as it arrives."""
 
+    index: int
     request_id: str
-    model: str  # as the client named it: the adapter id or the base id
-    adapter: str | None
-    tenant: str
-    prompt_tokens: int
-    created: int = field(default_factory=lambda: int(time.time()))
-    started: float = field(default_factory=time.monotonic)
+    prompt_token_ids: tuple[int, ...]
+    counts_prompt: bool = True  # False for choices 2..n of a prompt: usage counts each prompt once
+    prompt_text: str = ""  # what echo puts before the output
     parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
     error: EngineError | None = None
-    disconnected: bool = False
+    text_offset: int = 0  # the stream's next text_offset (completions logprobs)
+    started: bool = False  # the stream sent something of this choice
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
 
-    @property
-    def usage(self) -> Usage:
-        return Usage.of(self.prompt_tokens, self.completion_tokens)
-
     def absorb(self, event: TokenEvent) -> None:
         if event.text:
             self.parts.append(event.text)
+        self.logprobs.extend(event.logprobs)
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
         self.completion_tokens = event.completion_tokens
-        if event.prompt_tokens:
-            self.prompt_tokens = event.prompt_tokens
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
             self.error = event.error
 
+
+@dataclass(slots=True)
+class Generation:
+    """One response's choices as their events arrive; complete when every choice has finished."""
+
+    request_id: str  # the response's id
+    model: str  # as the client named it: the adapter id or the base id
+    adapter: str | None
+    tenant: str
+    choices: list[Choice]
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.monotonic)
+    disconnected: bool = False
+    _by_request: dict[str, Choice] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._by_request = {c.request_id: c for c in self.choices}
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+    @property
+    def error(self) -> EngineError | None:
+        return next((c.error for c in self.choices if c.error is not None), None)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(c.prompt_token_ids) for c in self.choices if c.counts_prompt)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.choices)
+
+    @property
+    def usage(self) -> Usage:
+        return Usage.of(self.prompt_tokens, self.completion_tokens)
+
+    def absorb(self, event: TokenEvent) -> Choice:
+        choice = self._by_request[event.request_id]
+        choice.absorb(event)
+        return choice
+
     def log_finished(self) -> None:
         """The one structured line per finished request (fields also in ``extra`` for JSON logging)."""
-        finish = "disconnect" if self.disconnected else str(self.finish_reason or "incomplete")
+        if self.disconnected:
+            finish = "disconnect"
+        elif self.error is not None:
+            finish = str(FinishReason.ERROR)
+        else:
+            reasons = {str(c.finish_reason or "incomplete") for c in self.choices}
+            finish = reasons.pop() if len(reasons) == 1 else ",".join(sorted(reasons))
         fields = {
             "request_id": self.request_id,
             "tenant": self.tenant,
@@ -89,6 +142,8 @@ class Generation:
             "latency_ms": round((time.monotonic() - self.started) * 1000, 1),
             "finish_reason": finish,
         }
+        if len(self.choices) > 1:
+            fields["choices"] = len(self.choices)
         if self.error is not None:
             fields["error"] = self.error.code
         # The fields travel as ``extra``: the cli's formatters print them as key=value or JSON.
@@ -103,66 +158,238 @@ class ResponseFormat(Protocol):
 
     def response(self, g: Generation) -> BaseModel: ...
 
-    def opening_chunk(self, g: Generation) -> BaseModel | None: ...
+    def opening_chunks(self, g: Generation) -> list[BaseModel]: ...
 
-    def chunk(self, g: Generation, text: str, finish_reason: FinishReason | None) -> BaseModel: ...
+    def chunk(self, g: Generation, choice: Choice, event: TokenEvent) -> BaseModel | None:
+        """The chunk for ``event`` of ``choice`` (already absorbed), or None when it has nothing to send."""
+        ...
 
     def usage_chunk(self, g: Generation) -> BaseModel: ...
 
 
+@dataclass(slots=True, frozen=True)
+class LogprobStyle:
+    """How tokens are named in logprobs: their text, or ``token_id:N`` (vLLM's
+    ``return_tokens_as_token_ids``)."""
+
+    token_text: Callable[[int], str]
+    as_token_ids: bool = False
+
+    def name(self, token_id: int, text: str) -> str:
+        return f"token_id:{token_id}" if self.as_token_ids else text
+
+
+def prompt_logprobs_body(entries: Sequence[TokenLogprobs | None] | None) -> PromptLogprobs | None:
+    """vLLM's ``prompt_logprobs``: per prompt position None (the first) or {token id: entry}, holding
+    the prompt's own token and the top alternatives."""
+    if entries is None:
+        return None
+    out: PromptLogprobs = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        ranked = {e.token_id: (e, rank) for rank, e in enumerate(entry.top, start=1)}
+        ranked.setdefault(entry.chosen.token_id, (entry.chosen, entry.rank))
+        out.append(
+            {
+                str(t): PromptLogprob(logprob=e.logprob, rank=rank, decoded_token=e.token)
+                for t, (e, rank) in ranked.items()
+            }
+        )
+    return out
+
+
 class CompletionFormat:
-    """``text_completion`` objects; stream chunks share the plain response's shape."""
+    """``text_completion`` objects; stream chunks share the plain response's shape. ``logprobs`` (0-20 or
+    None) and ``echo`` are the request's; with echo the prompt's text (and, with logprobs, the prompt
+    tokens' logprobs, the first None) come first."""
+
+    def __init__(
+        self, *, logprobs: int | None, echo: bool, style: LogprobStyle, prompt_logprobs: bool
+    ) -> None:
+        self.logprobs = logprobs
+        self.echo = echo
+        self.style = style
+        self.prompt_logprobs = prompt_logprobs
 
     def response(self, g: Generation) -> CompletionResponse:
-        assert g.finish_reason is not None
-        choice = CompletionChoice(text=g.text, finish_reason=openai_finish_reason(g.finish_reason))
+        choices = []
+        for c in g.choices:
+            assert c.finish_reason is not None
+            logprobs = None
+            if self.logprobs is not None:
+                logprobs, _ = self._logprobs(c, c.logprobs, with_prompt=self.echo, offset=0)
+            choices.append(
+                CompletionChoice(
+                    index=c.index,
+                    text=(c.prompt_text if self.echo else "") + c.text,
+                    logprobs=logprobs,
+                    finish_reason=openai_finish_reason(c.finish_reason),
+                    prompt_logprobs=prompt_logprobs_body(c.prompt_logprobs) if self.prompt_logprobs else None,
+                )
+            )
         return CompletionResponse(
-            id=g.request_id, created=g.created, model=g.model, choices=[choice], usage=g.usage
+            id=g.request_id, created=g.created, model=g.model, choices=choices, usage=g.usage
         )
 
-    def opening_chunk(self, g: Generation) -> None:
-        return None
+    def opening_chunks(self, g: Generation) -> list[BaseModel]:
+        return []
 
-    def chunk(self, g: Generation, text: str, finish_reason: FinishReason | None) -> CompletionResponse:
-        reason = None if finish_reason is None else openai_finish_reason(finish_reason)
-        choice = CompletionChoice(text=text, finish_reason=reason)
-        return CompletionResponse(id=g.request_id, created=g.created, model=g.model, choices=[choice])
+    def chunk(self, g: Generation, choice: Choice, event: TokenEvent) -> CompletionResponse | None:
+        first = not choice.started
+        echo = self.echo and first
+        text = (choice.prompt_text if echo else "") + event.text
+        wants_logprobs = self.logprobs is not None and (event.logprobs or echo)
+        if not (text or event.finished or wants_logprobs or (first and event.prompt_logprobs)):
+            return None
+        choice.started = True
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs, choice.text_offset = self._logprobs(
+                choice, list(event.logprobs), with_prompt=echo, offset=choice.text_offset
+            )
+        reason = None if event.finish_reason is None else openai_finish_reason(event.finish_reason)
+        prompt_logprobs = None
+        if self.prompt_logprobs and event.prompt_logprobs is not None:
+            prompt_logprobs = prompt_logprobs_body(event.prompt_logprobs)
+        item = CompletionChoice(
+            index=choice.index,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=reason,
+            prompt_logprobs=prompt_logprobs,
+        )
+        return CompletionResponse(id=g.request_id, created=g.created, model=g.model, choices=[item])
 
     def usage_chunk(self, g: Generation) -> CompletionResponse:
         return CompletionResponse(
             id=g.request_id, created=g.created, model=g.model, choices=[], usage=g.usage
         )
 
+    def _logprobs(
+        self, c: Choice, output: Sequence[TokenLogprobs], *, with_prompt: bool, offset: int
+    ) -> tuple[CompletionLogprobs, int]:
+        """Logprobs of (the echoed prompt and) ``output``, offsets from ``offset``; returns the next offset."""
+        body = CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
+        positions: list[tuple[int, TokenLogprobs | None]] = []
+        if with_prompt:
+            entries = c.prompt_logprobs or (None,) * len(c.prompt_token_ids)
+            positions += list(zip(c.prompt_token_ids, entries, strict=True))
+        positions += [(e.chosen.token_id, e) for e in output]
+        style = self.style
+        for token_id, entry in positions:
+            text = entry.chosen.token if entry is not None else style.token_text(token_id)
+            body.text_offset.append(offset)
+            body.tokens.append(style.name(token_id, text))
+            offset += len(text)
+            if entry is None:
+                body.token_logprobs.append(None)
+                body.top_logprobs.append(None)
+                continue
+            body.token_logprobs.append(entry.chosen.logprob)
+            # as vLLM: the top alternatives, plus the token itself when it is not among them
+            top = {style.name(t.token_id, t.token): t.logprob for t in entry.top}
+            top.setdefault(style.name(token_id, text), entry.chosen.logprob)
+            body.top_logprobs.append(top)
+        return body, offset
+
 
 class ChatFormat:
-    """``chat.completion`` and ``chat.completion.chunk`` objects; the first chunk carries the role."""
+    """``chat.completion`` and ``chat.completion.chunk`` objects; the first chunk of each choice carries
+    the role. With ``logprobs`` each token comes with OpenAI's ``ChatCompletionTokenLogprob``."""
+
+    def __init__(self, *, logprobs: bool, style: LogprobStyle, prompt_logprobs: bool) -> None:
+        self.logprobs = logprobs
+        self.style = style
+        self.prompt_logprobs = prompt_logprobs
 
     def response(self, g: Generation) -> ChatCompletionResponse:
-        assert g.finish_reason is not None
-        choice = ChatChoice(
-            message=ChatMessageOut(content=g.text), finish_reason=openai_finish_reason(g.finish_reason)
-        )
+        choices = []
+        for c in g.choices:
+            assert c.finish_reason is not None
+            choices.append(
+                ChatChoice(
+                    index=c.index,
+                    message=ChatMessageOut(content=c.text),
+                    logprobs=self._logprobs(c.logprobs),
+                    finish_reason=openai_finish_reason(c.finish_reason),
+                )
+            )
         return ChatCompletionResponse(
-            id=g.request_id, created=g.created, model=g.model, choices=[choice], usage=g.usage
+            id=g.request_id,
+            created=g.created,
+            model=g.model,
+            choices=choices,
+            usage=g.usage,
+            prompt_logprobs=self._prompt_logprobs(g.choices[0].prompt_logprobs),
         )
 
-    def opening_chunk(self, g: Generation) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
-        return ChatCompletionChunk(id=g.request_id, created=g.created, model=g.model, choices=[choice])
+    def opening_chunks(self, g: Generation) -> list[BaseModel]:
+        return [
+            ChatCompletionChunk(
+                id=g.request_id,
+                created=g.created,
+                model=g.model,
+                choices=[ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))],
+            )
+            for c in g.choices
+        ]
 
-    def chunk(self, g: Generation, text: str, finish_reason: FinishReason | None) -> ChatCompletionChunk:
-        reason = None if finish_reason is None else openai_finish_reason(finish_reason)
-        choice = ChatChunkChoice(delta=ChatDelta(content=text or None), finish_reason=reason)
-        return ChatCompletionChunk(id=g.request_id, created=g.created, model=g.model, choices=[choice])
+    def chunk(self, g: Generation, choice: Choice, event: TokenEvent) -> ChatCompletionChunk | None:
+        wants_logprobs = self.logprobs and bool(event.logprobs)
+        prompt_logprobs = self._prompt_logprobs(event.prompt_logprobs)
+        if not (event.text or event.finished or wants_logprobs or prompt_logprobs):
+            return None
+        choice.started = True
+        reason = None if event.finish_reason is None else openai_finish_reason(event.finish_reason)
+        item = ChatChunkChoice(
+            index=choice.index,
+            delta=ChatDelta(content=event.text or None),
+            logprobs=self._logprobs(event.logprobs) if wants_logprobs else None,
+            finish_reason=reason,
+        )
+        return ChatCompletionChunk(
+            id=g.request_id, created=g.created, model=g.model, choices=[item], prompt_logprobs=prompt_logprobs
+        )
 
     def usage_chunk(self, g: Generation) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=g.request_id, created=g.created, model=g.model, choices=[], usage=g.usage
         )
 
+    def _prompt_logprobs(self, entries: Sequence[TokenLogprobs | None] | None) -> PromptLogprobs | None:
+        return prompt_logprobs_body(entries) if self.prompt_logprobs else None
+
+    def _logprobs(self, entries: Sequence[TokenLogprobs]) -> ChatLogprobs | None:
+        if not self.logprobs:
+            return None
+        style = self.style
+
+        def top(token_id: int, text: str, logprob: float) -> TopLogprob:
+            return TopLogprob(
+                token=style.name(token_id, text), logprob=logprob, bytes=list(text.encode("utf-8"))
+            )
+
+        return ChatLogprobs(
+            content=[
+                ChatTokenLogprob(
+                    **top(e.chosen.token_id, e.chosen.token, e.chosen.logprob).model_dump(),
+                    top_logprobs=[top(t.token_id, t.token, t.logprob) for t in e.top],
+                )
+                for e in entries
+            ]
+        )
+
 
 def _sse(model: BaseModel) -> ServerSentEvent:
     return ServerSentEvent(data=model.model_dump_json())
+
+
+def abort_all(engine: AsyncEngine, stream: RequestStream, reason: str) -> None:
+    """Abort every request of ``stream`` (finished ones are ignored by the engine)."""
+    for request_id in stream.request_ids:
+        engine.abort(request_id, reason)
 
 
 # ------------------------------------------------------------------------------------------- streaming
@@ -176,28 +403,30 @@ async def sse_events(
     *,
     include_usage: bool,
 ) -> AsyncIterator[ServerSentEvent]:
-    """TokenEvents -> SSE chunks, ending with ``data: [DONE]``. An engine error mid-stream becomes
-    ``data: {"error": {...}}`` then ``[DONE]``. Cancellation (the client left) aborts the request once."""
+    """TokenEvents -> SSE chunks (each carries one choice, tagged with its ``index``), ending with
+    ``data: [DONE]``. An engine error mid-stream becomes ``data: {"error": {...}}`` then ``[DONE]``, and
+    aborts the request's other choices. Cancellation (the client left) aborts every choice once."""
     try:
-        opening = fmt.opening_chunk(g)
-        if opening is not None:
+        for opening in fmt.opening_chunks(g):
             yield _sse(opening)
         async for event in stream:
-            g.absorb(event)
+            choice = g.absorb(event)
             if event.finish_reason is FinishReason.ERROR:
+                abort_all(engine, stream, "error")
                 error = event.error or EngineError("generation failed")
                 yield ServerSentEvent(data=json.dumps(engine_error_body(error)))
                 break
-            if event.text or event.finished:
-                yield _sse(fmt.chunk(g, event.text, event.finish_reason))
+            chunk = fmt.chunk(g, choice, event)
+            if chunk is not None:
+                yield _sse(chunk)
         else:
             if include_usage:
                 yield _sse(fmt.usage_chunk(g))
         yield ServerSentEvent(data=DONE)
     except (asyncio.CancelledError, GeneratorExit):
-        if g.finish_reason is None:
+        if not g.finished:
             g.disconnected = True
-            engine.abort(stream.request_id, "disconnect")
+            abort_all(engine, stream, "disconnect")
         raise
     finally:
         g.log_finished()
@@ -221,6 +450,8 @@ async def collect(request: Request, engine: AsyncEngine, stream: RequestStream, 
     async def consume() -> None:
         async for event in stream:
             g.absorb(event)
+            if event.finish_reason is FinishReason.ERROR:
+                abort_all(engine, stream, "error")  # the response fails: its other choices stop too
 
     return await _unless_disconnected(request, engine, stream, g, consume())
 
@@ -252,12 +483,12 @@ async def _unless_disconnected(
             consumer.result()
             return True
         g.disconnected = True
-        engine.abort(stream.request_id, "disconnect")
+        abort_all(engine, stream, "disconnect")
         return False
     except asyncio.CancelledError:
-        if g.finish_reason is None:
+        if not g.finished:
             g.disconnected = True
-            engine.abort(stream.request_id, "disconnect")
+            abort_all(engine, stream, "disconnect")
         raise
     finally:
         for task in (consumer, watcher):

@@ -12,7 +12,8 @@ such tokens forever). They are released as U+FFFD, as decoding the whole output 
 window restarts; without the bound every token re-decodes a window that keeps growing (quadratic).
 
 Stop strings are matched on the released text: any suffix that could still grow into a stop string is held
-back, and when one appears the text before it is released and the rest, the stop string included, never is.
+back, and when one appears the text before it is released and the rest, the stop string included, never is
+(the stop string itself is, with vLLM's ``include_stop_str_in_output``).
 """
 
 from __future__ import annotations
@@ -36,12 +37,25 @@ class IncrementalDetokenizer:
     """
 
     def __init__(
-        self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], stop: Sequence[str] = ()
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: Sequence[int],
+        stop: Sequence[str] = (),
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+        include_stop_str_in_output: bool = False,
     ) -> None:
         self._tokenizer = tokenizer
+        # decode options travel only when they differ from the defaults (the protocol's minimal decode)
+        self._decode_options: dict[str, bool] = {}
+        if not skip_special_tokens:
+            self._decode_options["skip_special_tokens"] = False
+            self._decode_options["spaces_between_special_tokens"] = spaces_between_special_tokens
         self._stop = tuple(s for s in stop if s)
+        self._include_stop = include_stop_str_in_output
         context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
-        prefix_text = tokenizer.decode(context) if context else ""
+        prefix_text = self._decode_ids(context) if context else ""
         if prefix_text.endswith(REPLACEMENT_CHAR):
             # The prompt ends inside a character; its completion would be split between prompt and output
             # text. Decode the output on its own instead, as `decode(output_ids)` would.
@@ -70,7 +84,7 @@ class IncrementalDetokenizer:
         if self._stopped:
             return ""
         self._window.append(token_id)
-        new_text = self._tokenizer.decode(self._window)
+        new_text = self._decode_ids(self._window)
         pending = len(self._window) - self._read_offset
         if new_text.endswith(REPLACEMENT_CHAR) and pending < MAX_PENDING_TOKENS:
             return ""  # an incomplete character: wait for the tokens that finish it
@@ -82,7 +96,7 @@ class IncrementalDetokenizer:
             return ""
         tail = ""
         if self._read_offset < len(self._window):
-            tail = self._advance(self._tokenizer.decode(self._window))
+            tail = self._advance(self._decode_ids(self._window))
         out = self._release(tail)
         if not self._stopped:
             out += self._held
@@ -95,8 +109,11 @@ class IncrementalDetokenizer:
         delta = new_text[len(self._prefix_text) :]
         self._window = self._window[self._read_offset :]
         self._read_offset = len(self._window)
-        self._prefix_text = self._tokenizer.decode(self._window)
+        self._prefix_text = self._decode_ids(self._window)
         return delta
+
+    def _decode_ids(self, token_ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(token_ids, **self._decode_options)
 
     def _release(self, delta: str) -> str:
         """Pass decoded text through the stop-string check; record and return what may be sent."""
@@ -106,9 +123,10 @@ class IncrementalDetokenizer:
             return delta
         # Released text never ends with the start of a stop string, so a match lies within `candidate`.
         candidate = self._held + delta
-        matches = [i for i in (candidate.find(s) for s in self._stop) if i >= 0]
+        matches = [(i, len(s)) for i, s in ((candidate.find(s), s) for s in self._stop) if i >= 0]
         if matches:
-            out = candidate[: min(matches)]
+            at, length = min(matches)
+            out = candidate[: at + length] if self._include_stop else candidate[:at]
             self._held = ""
             self._stopped = True
         else:

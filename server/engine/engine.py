@@ -19,8 +19,9 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator
+from collections.abc import Sequence as SequenceABC
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.scheduler import Scheduler, SchedulerConfig
@@ -28,18 +29,22 @@ from server.engine.types import (
     AdapterLease,
     AdapterUnavailableError,
     Batch,
+    ChatMessage,
     EngineError,
     EngineNotReadyError,
     FinishReason,
     GenerationRequest,
     InvalidRequestError,
+    Logprob,
     ModelRunner,
+    PositionLogprobs,
     PromptTooLongError,
     QueueFullError,
     Sequence,
     StepFailedError,
     StepOutput,
     TokenEvent,
+    TokenLogprobs,
     UnknownModelError,
 )
 from server.metrics import FinishedRequest, Metrics, SchedulerState
@@ -69,14 +74,30 @@ class LoopStats:
 
 
 class RequestStream:
-    """The token events of one request, in order; ends after the event that carries ``finish_reason``."""
+    """The token events of one or more requests submitted together (a prompt list, ``n`` choices), in
+    order per request; ends after every request's event that carries ``finish_reason``."""
 
-    def __init__(self, request_id: str, prompt_tokens: int, queue: asyncio.Queue[TokenEvent]) -> None:
-        self.request_id = request_id
-        self.prompt_tokens = prompt_tokens
+    def __init__(
+        self,
+        request_ids: list[str],
+        prompt_token_ids: list[tuple[int, ...]],
+        queue: asyncio.Queue[TokenEvent],
+    ) -> None:
+        self.request_ids = request_ids
+        self.prompt_token_ids = prompt_token_ids
         self._queue = queue
         self._peeked: TokenEvent | None = None
-        self._done = False
+        self._open = set(request_ids)
+
+    @property
+    def request_id(self) -> str:
+        """The first request's id (the only one for ``submit``)."""
+        return self.request_ids[0]
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens of the first request."""
+        return len(self.prompt_token_ids[0])
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
         return self
@@ -89,14 +110,14 @@ class RequestStream:
         return self._peeked
 
     async def __anext__(self) -> TokenEvent:
-        if self._done:
+        if not self._open:
             raise StopAsyncIteration
         if self._peeked is not None:
             event, self._peeked = self._peeked, None
         else:
             event = await self._queue.get()
         if event.finished:
-            self._done = True
+            self._open.discard(event.request_id)
         return event
 
 
@@ -212,57 +233,106 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------------------------ requests
 
-    async def add_request(self, request: GenerationRequest) -> RequestStream:
-        """``submit`` with the chat templating and tokenization on the engine's tokenizer thread, so that
-        a long prompt never holds up the event loop (the API's way in)."""
+    async def add_requests(self, requests: SequenceABC[GenerationRequest]) -> RequestStream:
+        """``submit_many`` with the chat templating and tokenization on the engine's tokenizer thread, so
+        that a long prompt never holds up the event loop (the API's way in)."""
         loop = asyncio.get_running_loop()
         try:
-            seq = await loop.run_in_executor(self._tokenize_pool, self._to_sequence, request)
+            seqs = await loop.run_in_executor(
+                self._tokenize_pool, lambda: [self._to_sequence(r) for r in requests]
+            )
         except EngineError as invalid:
             self._count_rejection(invalid, self.model_id)
             raise
-        return self._enqueue(request, seq)
+        return self._enqueue(seqs)
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Validate and enqueue ``request``; raise an ``EngineError`` before any token if it cannot run.
         Must be called on the event loop that will consume the stream; tokenizes on the calling thread
-        (``add_request`` does not)."""
+        (``add_requests`` does not)."""
+        return self.submit_many([request])
+
+    def submit_many(self, requests: SequenceABC[GenerationRequest]) -> RequestStream:
+        """Validate and enqueue ``requests`` together (they reach the scheduler in the same step, so they
+        prefill and decode in the same batches), all or none; one stream carries all their events."""
         try:
-            seq = self._to_sequence(request)
+            seqs = [self._to_sequence(request) for request in requests]
         except EngineError as invalid:
             self._count_rejection(invalid, self.model_id)
             raise
-        return self._enqueue(request, seq)
+        return self._enqueue(seqs)
 
-    def _enqueue(self, request: GenerationRequest, seq: Sequence) -> RequestStream:
+    def _enqueue(self, seqs: list[Sequence]) -> RequestStream:
+        if not seqs:
+            raise InvalidRequestError("nothing to generate", param="prompt")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        detok = IncrementalDetokenizer(
-            self.runner.tokenizer, seq.token_ids[: seq.num_prompt_tokens], seq.sampling.stop
-        )
-        label = self.model_id if seq.adapter is None else seq.adapter
-        if self.metrics is not None:
-            label = self.metrics.adapter_label(label)
-        track = _Track(seq=seq, detok=detok, loop=loop, queue=queue, label=label)
+        tracks = [self._new_track(seq, loop, queue) for seq in seqs]
+        ids = [seq.request_id for seq in seqs]
         with self._cv:
             if not self.is_ready:
                 refusal: EngineError = EngineNotReadyError(
                     "the server is not accepting requests (starting or draining)"
                 )
-            elif request.request_id in self._live_ids:
-                refusal = InvalidRequestError(f"request id {request.request_id!r} is already in use")
-            elif self._num_waiting + len(self._inbox) >= self.config.max_queue:
+            elif any(rid in self._live_ids for rid in ids) or len(set(ids)) != len(ids):
+                refusal = InvalidRequestError(f"request id {ids[0]!r} is already in use")
+            elif self._num_waiting + len(self._inbox) + len(seqs) > self.config.max_queue:
                 refusal = QueueFullError(f"{self.config.max_queue} requests are waiting; retry shortly")
             else:
-                self._live_ids.add(request.request_id)
-                self._tracks[request.request_id] = track
-                self._inbox.append(seq)
+                for seq, track in zip(seqs, tracks, strict=True):
+                    self._live_ids.add(seq.request_id)
+                    self._tracks[seq.request_id] = track
+                    self._inbox.append(seq)
+                    if self.metrics is not None and seq.adapter is not None:
+                        self.metrics.adapter_requests_total.labels(adapter=track.label).inc()
                 self._cv.notify_all()
-                if self.metrics is not None and seq.adapter is not None:
-                    self.metrics.adapter_requests_total.labels(adapter=label).inc()
-                return RequestStream(request.request_id, seq.num_prompt_tokens, queue)
-        self._count_rejection(refusal, label)
+                prompts = [tuple(seq.token_ids[: seq.num_prompt_tokens]) for seq in seqs]
+                return RequestStream(ids, prompts, queue)
+        self._count_rejection(refusal, tracks[0].label)
         raise refusal
+
+    def _new_track(
+        self, seq: Sequence, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[TokenEvent]
+    ) -> _Track:
+        sampling = seq.sampling
+        detok = IncrementalDetokenizer(
+            self.runner.tokenizer,
+            seq.token_ids[: seq.num_prompt_tokens],
+            sampling.stop,
+            skip_special_tokens=sampling.skip_special_tokens,
+            spaces_between_special_tokens=sampling.spaces_between_special_tokens,
+            include_stop_str_in_output=sampling.include_stop_str_in_output,
+        )
+        label = self.model_id if seq.adapter is None else seq.adapter
+        if self.metrics is not None:
+            label = self.metrics.adapter_label(label)
+        return _Track(seq=seq, detok=detok, loop=loop, queue=queue, label=label)
+
+    # ------------------------------------------------------------------------------------ tokenizer
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """``/tokenize``: the ids the base's tokenizer (every adapter's) gives ``text``."""
+        return self.runner.tokenizer.encode_plain(text, add_special_tokens=add_special_tokens)
+
+    def tokenize_chat(self, messages: SequenceABC[ChatMessage]) -> list[int]:
+        """``/tokenize`` of a conversation: the chat prompt the engine would run."""
+        return self.runner.tokenizer.encode_chat(messages)
+
+    def detokenize(self, token_ids: SequenceABC[int], *, skip_special_tokens: bool = True) -> str:
+        """``/detokenize`` and echo of token-id prompts. Raises ``InvalidRequestError`` for an id outside
+        the vocabulary."""
+        self._check_token_ids(token_ids, "tokens")
+        return self.runner.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_texts(self, token_ids: SequenceABC[int]) -> list[str]:
+        """The text of each token alone (special tokens shown)."""
+        tokenizer = self.runner.tokenizer
+        return [tokenizer.token_text(t) for t in token_ids]
+
+    def _check_token_ids(self, token_ids: SequenceABC[int], param: str) -> None:
+        vocab = self.runner.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(f"{param}: token ids must be integers in [0, {vocab})", param=param)
 
     def abort(self, request_id: str, reason: str = "disconnect") -> None:
         """Abort a live request (idempotent, any thread). Its row is freed before the next step."""
@@ -284,16 +354,33 @@ class AsyncEngine:
         else:
             prompt_ids = list(request.prompt or [])
             param = "prompt"
-            vocab = self.runner.vocab_size
-            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param=param)
+            self._check_token_ids(prompt_ids, param)
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param=param)
-        max_tokens = request.sampling.max_tokens
+        sampling = request.sampling
+        for name, ids in (
+            ("logit_bias", [t for t, _ in sampling.logit_bias]),
+            ("stop_token_ids", sampling.stop_token_ids),
+        ):
+            if any(t >= self.runner.vocab_size for t in ids):
+                raise InvalidRequestError(
+                    f"{name}: token ids must be below the vocabulary size {self.runner.vocab_size}",
+                    param=name,
+                )
         if len(prompt_ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len}",
                 param=param,
+            )
+        if sampling.max_tokens is None:  # omitted: the endpoint's default, never past the context (vLLM)
+            room = self.max_model_len - len(prompt_ids)
+            default = request.default_max_tokens
+            sampling = replace(sampling, max_tokens=room if default is None else min(default, room))
+        max_tokens = sampling.max_tokens or 0
+        if sampling.min_tokens > max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens ({sampling.min_tokens}) exceeds the room left after the prompt ({max_tokens})",
+                param="min_tokens",
             )
         if len(prompt_ids) + max_tokens > self.max_model_len:
             raise PromptTooLongError(
@@ -301,12 +388,12 @@ class AsyncEngine:
                 f"context of {self.max_model_len} tokens",
                 param="max_tokens",
             )
-        seed = request.sampling.seed if request.sampling.seed is not None else self._rng.getrandbits(63)
+        seed = sampling.seed if sampling.seed is not None else self._rng.getrandbits(63)
         return Sequence(
             request_id=request.request_id,
             token_ids=prompt_ids,
             num_prompt_tokens=len(prompt_ids),
-            sampling=request.sampling,
+            sampling=sampling,
             adapter=request.adapter,
             seed=seed,
             tenant=request.tenant,
@@ -405,18 +492,25 @@ class AsyncEngine:
             self._emit(track, event)
 
     def _postprocess(self, batch: Batch, output: StepOutput) -> None:
-        """StepOutput -> TokenEvents, finishing sequences that hit EOS, a stop string or a length limit."""
+        """StepOutput -> TokenEvents, finishing sequences that hit EOS, a stop token or string, or a length
+        limit. As vLLM, the text of the token that stops a sequence (EOS or a stop token id) is left out
+        unless ``include_stop_str_in_output``; its logprobs are reported either way."""
         now = time.monotonic()
         eos = self.runner.tokenizer.eos_token_ids
         m = self.metrics
         if m is not None:  # before any event goes out: a client that has its answer finds it counted
             prefilled = sum(s.num_tokens - s.num_cached for s in batch.seqs) if batch.kind == "prefill" else 0
             m.on_step(self.model_id, prefilled + len(batch.seqs))
-        for seq, token in zip(batch.seqs, output.token_ids, strict=True):
+        for i, (seq, token) in enumerate(zip(batch.seqs, output.token_ids, strict=True)):
+            track = self._tracks[seq.request_id]
             computed = seq.num_tokens - seq.num_cached
+            prompt_logprobs = self._prompt_logprobs(output, i) if batch.kind == "prefill" else None
+            if seq.sampling.max_tokens == 0:  # a prefill for prompt logprobs (echo) only: no output token
+                seq.num_cached = seq.num_tokens
+                self._finish(seq, FinishReason.LENGTH, prompt_logprobs=prompt_logprobs)
+                continue
             seq.num_cached = seq.num_tokens
             seq.token_ids.append(token)
-            track = self._tracks[seq.request_id]
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 track.prefill_computed = computed
@@ -428,19 +522,70 @@ class AsyncEngine:
             if seq.aborted:
                 self._finish(seq, FinishReason.ABORT)
                 continue
-            if token in eos and not seq.sampling.ignore_eos:
-                self._finish(seq, FinishReason.STOP, text=track.detok.flush(), last_token=token)
+            sampling = seq.sampling
+            logprobs = self._token_logprobs(output, i)
+            if (token in eos and not sampling.ignore_eos) or token in sampling.stop_token_ids:
+                text = track.detok.add(token) if sampling.include_stop_str_in_output else ""
+                self._finish(
+                    seq,
+                    FinishReason.STOP,
+                    text=text + track.detok.flush(),
+                    last_token=token,
+                    logprobs=logprobs,
+                    prompt_logprobs=prompt_logprobs,
+                )
                 continue
             text = track.detok.add(token)
             if track.detok.stopped:
-                self._finish(seq, FinishReason.STOP, text=text, last_token=token)
-            elif seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
-                self._finish(seq, FinishReason.LENGTH, text=text + track.detok.flush(), last_token=token)
+                self._finish(
+                    seq,
+                    FinishReason.STOP,
+                    text=text,
+                    last_token=token,
+                    logprobs=logprobs,
+                    prompt_logprobs=prompt_logprobs,
+                )
+            elif seq.num_output_tokens >= (sampling.max_tokens or 0) or seq.num_tokens >= self.max_model_len:
+                self._finish(
+                    seq,
+                    FinishReason.LENGTH,
+                    text=text + track.detok.flush(),
+                    last_token=token,
+                    logprobs=logprobs,
+                    prompt_logprobs=prompt_logprobs,
+                )
             else:
                 self._emit(
                     track,
-                    TokenEvent(seq.request_id, text, (token,), seq.num_prompt_tokens, seq.num_output_tokens),
+                    TokenEvent(
+                        seq.request_id,
+                        text,
+                        (token,),
+                        seq.num_prompt_tokens,
+                        seq.num_output_tokens,
+                        logprobs=logprobs,
+                        prompt_logprobs=prompt_logprobs,
+                    ),
                 )
+
+    def _token_logprobs(self, output: StepOutput, row: int) -> tuple[TokenLogprobs, ...]:
+        entry = output.logprobs[row] if output.logprobs else None
+        return () if entry is None else (self._with_text(entry),)
+
+    def _prompt_logprobs(self, output: StepOutput, row: int) -> tuple[TokenLogprobs | None, ...] | None:
+        entries = output.prompt_logprobs[row] if output.prompt_logprobs else None
+        if entries is None:
+            return None
+        return (None, *(self._with_text(e) for e in entries))  # nothing predicts the first prompt token
+
+    def _with_text(self, entry: PositionLogprobs) -> TokenLogprobs:
+        # PositionLogprobs (ids) -> TokenLogprobs (with each token's text), for the rows that asked only
+        text = self.runner.tokenizer.token_text
+        return TokenLogprobs(
+            chosen=Logprob(entry.token_id, text(entry.token_id), entry.logprob),
+            rank=entry.rank,
+            top=tuple(Logprob(t, text(t), v) for t, v in zip(entry.top_ids, entry.top_logprobs, strict=True)),
+        )
 
     def _abort_now(self, request_id: str, reason: str) -> None:
         seq = self.scheduler.abort(request_id)
@@ -459,6 +604,8 @@ class AsyncEngine:
         text: str = "",
         last_token: int | None = None,
         error: EngineError | None = None,
+        logprobs: tuple[TokenLogprobs, ...] = (),
+        prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None,
     ) -> None:
         slot = seq.slot
         track = self._tracks.pop(seq.request_id, None)
@@ -473,11 +620,18 @@ class AsyncEngine:
                 try:
                     self._record_finish(seq, track, reason, error)  # first: a client's answer is counted
                 finally:
-                    self._emit(track, self._final_event(seq, reason, text, last_token, error))
+                    final = self._final_event(seq, reason, text, last_token, error, logprobs, prompt_logprobs)
+                    self._emit(track, final)
 
     @staticmethod
     def _final_event(
-        seq: Sequence, reason: FinishReason, text: str, last_token: int | None, error: EngineError | None
+        seq: Sequence,
+        reason: FinishReason,
+        text: str,
+        last_token: int | None,
+        error: EngineError | None,
+        logprobs: tuple[TokenLogprobs, ...] = (),
+        prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None,
     ) -> TokenEvent:
         return TokenEvent(
             seq.request_id,
@@ -487,6 +641,8 @@ class AsyncEngine:
             seq.num_output_tokens,
             finish_reason=reason,
             error=error,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _record_finish(
@@ -522,7 +678,11 @@ class AsyncEngine:
                 finished=now,
                 prompt_tokens=seq.num_prompt_tokens,
                 generation_tokens=seq.num_output_tokens,
-                max_tokens=seq.sampling.max_tokens,
+                max_tokens=(
+                    self.max_model_len - seq.num_prompt_tokens
+                    if seq.sampling.max_tokens is None
+                    else seq.sampling.max_tokens
+                ),  # omitted: up to the rest of the context
                 prefill_computed_tokens=track.prefill_computed,
             )
         )

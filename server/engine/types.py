@@ -97,6 +97,10 @@ class StepFailedError(EngineError):
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_SEED = 2**63 - 1
+MAX_LOGPROBS = 20  # top alternatives per position, as OpenAI and vLLM's default --max-logprobs
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit on logit_bias keys
+MAX_STOP_TOKEN_IDS = 64
 
 
 def _check_float(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
@@ -125,9 +129,17 @@ class SamplingParams:
     ``temperature == 0`` is greedy. ``top_k <= 0`` and ``top_p == 1`` and ``min_p == 0`` disable
     those filters. ``repetition_penalty`` follows the CTRL/HF rule over prompt and output tokens;
     presence and frequency penalties follow OpenAI over output tokens only.
+
+    ``max_tokens`` None means "up to the rest of the context" (the engine fills it in once the prompt is
+    tokenized); 0 generates nothing (a prefill for prompt logprobs only). ``logprobs`` asks for the sampled
+    token's logprob plus that many top alternatives per output token (None: none); ``prompt_logprobs`` the
+    same for every prompt token after the first. ``logit_bias`` adds ``bias`` to token ``id`` before
+    anything else; until ``min_tokens`` tokens are out, EOS and ``stop_token_ids`` cannot be sampled.
+    ``stop_token_ids`` end a sequence like EOS (their text is kept unless they are special tokens that
+    ``skip_special_tokens`` drops). vLLM's names and semantics throughout.
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -138,9 +150,18 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
-        _check_int("max_tokens", self.max_tokens, 1, 1 << 30)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 0, 1 << 30)
         _check_float("temperature", self.temperature, 0.0, 2.0)
         _check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _check_int("top_k", self.top_k, -1, 1 << 30)
@@ -163,12 +184,45 @@ class SamplingParams:
                 raise InvalidSamplingParamsError(
                     f"a stop string may have at most {MAX_STOP_STRING_CHARS} characters", param="stop"
                 )
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidSamplingParamsError("ignore_eos must be a boolean", param="ignore_eos")
+        for name in (
+            "ignore_eos",
+            "skip_special_tokens",
+            "spaces_between_special_tokens",
+            "include_stop_str_in_output",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidSamplingParamsError(f"{name} must be a boolean", param=name)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, 0, MAX_LOGPROBS)
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidSamplingParamsError(
+                f"logit_bias may have at most {MAX_LOGIT_BIAS_ENTRIES} entries", param="logit_bias"
+            )
+        for token_id, bias in self.logit_bias:
+            _check_int("logit_bias", token_id, 0, 1 << 31)
+            _check_float("logit_bias", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+        _check_int("min_tokens", self.min_tokens, 0, 1 << 30)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidSamplingParamsError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                param="min_tokens",
+            )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidSamplingParamsError(
+                f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed", param="stop_token_ids"
+            )
+        for token_id in self.stop_token_ids:
+            _check_int("stop_token_ids", token_id, 0, 1 << 31)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def token_ids_in_use(self) -> list[int]:
+        """Every token id this request names (logit_bias keys, stop_token_ids): each must be < vocab."""
+        return [t for t, _ in self.logit_bias] + list(self.stop_token_ids)
 
 
 # --------------------------------------------------------------------------------------------- requests
@@ -199,6 +253,9 @@ class GenerationRequest:
     adapter: str | None = None
     tenant: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    # with sampling.max_tokens None: generate at most this many (None: up to the rest of the context);
+    # either way never more than the context leaves after the prompt
+    default_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -206,9 +263,32 @@ class GenerationRequest:
 
 
 @dataclass(slots=True, frozen=True)
+class Logprob:
+    """One token at one position: its id, its text alone (special tokens included) and its logprob."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(slots=True, frozen=True)
+class TokenLogprobs:
+    """The logprobs of one position: the token that is there (sampled, or the prompt's), its rank in the
+    distribution (1 = most likely), and the ``top`` alternatives, most likely first."""
+
+    chosen: Logprob
+    rank: int
+    top: tuple[Logprob, ...]
+
+
+@dataclass(slots=True, frozen=True)
 class TokenEvent:
     """One increment of a request's output, in order. The last event of a request has ``finish_reason``
-    set; ``error`` is set only with ``FinishReason.ERROR``."""
+    set; ``error`` is set only with ``FinishReason.ERROR``.
+
+    ``logprobs`` has one entry per token of ``token_ids`` when the request asked for them (else empty).
+    ``prompt_logprobs`` is set on the request's first event when it asked for them: one entry per prompt
+    token, the first None (nothing predicts it)."""
 
     request_id: str
     text: str
@@ -217,6 +297,8 @@ class TokenEvent:
     completion_tokens: int
     finish_reason: FinishReason | None = None
     error: EngineError | None = None
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -234,9 +316,23 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_plain(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """``encode`` with the choice of special tokens (``/tokenize``)."""
+        ...
+
     def encode_chat(self, messages: SequenceABC[ChatMessage]) -> list[int]: ...
 
-    def decode(self, token_ids: SequenceABC[int]) -> str: ...
+    def decode(
+        self,
+        token_ids: SequenceABC[int],
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str: ...
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token alone, special tokens included (logprob entries show it)."""
+        ...
 
 
 # ------------------------------------------------------------------------------------ runner boundary
@@ -289,7 +385,8 @@ class Sequence:
 
     @property
     def max_total_tokens(self) -> int:
-        return self.num_prompt_tokens + self.sampling.max_tokens
+        # the engine resolves max_tokens=None (rest of the context) before it builds a Sequence
+        return self.num_prompt_tokens + (self.sampling.max_tokens or 0)
 
     @property
     def is_finished(self) -> bool:
@@ -308,11 +405,29 @@ class Batch:
         return len(self.seqs)
 
 
+@dataclass(slots=True, frozen=True)
+class PositionLogprobs:
+    """Logprobs at one position, as the runner computes them (ids only, no text): the logprob and rank of
+    the token at that position, and the top ``k`` (ids, logprobs), most likely first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
+
+
 @dataclass(slots=True)
 class StepOutput:
-    """One sampled token per sequence of the batch, in batch order."""
+    """One sampled token per sequence of the batch, in batch order.
+
+    ``logprobs[i]`` is set for rows whose request asked for logprobs (else None, or the list is empty
+    when no row asked). ``prompt_logprobs[i]`` is set in a prefill step for rows that asked for prompt
+    logprobs: one entry per computed prompt token after the first, in order."""
 
     token_ids: list[int]
+    logprobs: list[PositionLogprobs | None] = field(default_factory=list)
+    prompt_logprobs: list[tuple[PositionLogprobs, ...] | None] = field(default_factory=list)
 
 
 class AdapterLease(Protocol):

@@ -19,6 +19,7 @@ from server.engine.types import (
     AdapterLease,
     AdapterUnavailableError,
     Batch,
+    PositionLogprobs,
     Sequence,
     StepOutput,
     UnknownModelError,
@@ -26,7 +27,7 @@ from server.engine.types import (
 from server.runtime.attention import MaskLayout
 from server.runtime.cuda_graphs import DecodeGraphs, DecodeRow
 from server.runtime.kv_cache import SlotKVCache, StepPlacement
-from server.runtime.sampler import Sampler
+from server.runtime.sampler import LogprobsMode, Sampler, SamplerOutput, position_logprobs
 from server.runtime.slot_lora import SlotLoRA
 from server.runtime.tokenizer import HFTokenizer
 
@@ -67,6 +68,7 @@ class ModelRunner:
         cuda_graphs: bool = True,
         slot_lora: bool | None = None,
         max_lora_rank: int = 16,
+        logprobs_mode: LogprobsMode = "raw_logprobs",
     ) -> None:
         config = model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -96,7 +98,9 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
-        self.sampler = Sampler(self._vocab_size, num_slots, self.device, num_valid_ids=len(tokenizer.hf))
+        self.sampler = Sampler(
+            self._vocab_size, num_slots, self.device, logprobs_mode, num_valid_ids=tokenizer.num_ids
+        )
         self._masks = MaskLayout.of(model, self.dtype)
         self._init_fast_path(cuda_graphs and self._masks.is_plain, slot_lora, max_lora_rank)
         log.info(
@@ -178,7 +182,8 @@ class ModelRunner:
         the last column and ``logits_to_keep=1`` gives each row's next-token logits."""
         for seq in seqs:
             if seq.num_cached == 0:
-                self.sampler.start(seq.slot, seq.token_ids, seq.sampling, seq.seed)
+                stop_ids = self._tokenizer.eos_token_ids | set(seq.sampling.stop_token_ids)
+                self.sampler.start(seq.slot, seq.token_ids, seq.sampling, seq.seed, sorted(stop_ids))
         lengths = [seq.num_tokens - seq.num_cached for seq in seqs]
         width = max(lengths)
         rows = len(seqs)
@@ -198,20 +203,66 @@ class ModelRunner:
         mask |= (write_pos == scratch)[:, :, None] & (cols == 0)[None, None, :]
         slots = torch.tensor([seq.slot for seq in seqs], dtype=torch.long)
         logits = torch.empty(rows, self._vocab_size, dtype=torch.float32, device=self.device)
+        prompt_logprobs: list[tuple[PositionLogprobs, ...] | None] = [None] * rows
         for group in self._groups(seqs, range(rows)):
             idx = torch.tensor(group.rows, dtype=torch.long)
             self.kv.placement = StepPlacement(
                 write_pos=write_pos[idx].to(self.device), kv_len=kv_len, slot_ids=slots[idx].to(self.device)
             )
-            logits[idx.to(self.device)] = self._forward(
+            # Rows asking for prompt logprobs need every position's logits: the whole group computes them.
+            wants_prompt = [r for r in group.rows if seqs[r].sampling.prompt_logprobs is not None]
+            out = self._forward(
                 group.model,
                 input_ids[idx],
                 rope_pos[idx],
                 mask[idx].unsqueeze(1),
                 [self._peft_name(seqs[r]) for r in group.rows],
-            )
-        tokens = self.sampler(logits, slots.to(self.device))
-        return StepOutput(token_ids=tokens.tolist())
+                all_positions=bool(wants_prompt),
+            )  # [G, V], or [G, S, V] with all_positions
+            logits[idx.to(self.device)] = out[:, -1, :] if wants_prompt else out
+            for r in wants_prompt:
+                prompt_logprobs[r] = self._prompt_logprobs(
+                    seqs[r], out[group.rows.index(r)], width, lengths[r]
+                )
+        output = self._sample(seqs, logits, slots.to(self.device), list(range(rows)))
+        output.prompt_logprobs = prompt_logprobs if any(p is not None for p in prompt_logprobs) else []
+        return output
+
+    def _prompt_logprobs(
+        self, seq: Sequence, logits: torch.Tensor, width: int, length: int
+    ) -> tuple[PositionLogprobs, ...]:
+        """Raw logprobs of the prompt tokens this prefill computed, after the first: ``logits`` ``[S, V]`` is
+        one left-padded row whose last ``length`` columns hold tokens ``num_cached..num_tokens-1``."""
+        k = seq.sampling.prompt_logprobs or 0
+        start = seq.num_cached
+        targets = seq.token_ids[start + 1 : seq.num_tokens]  # each predicted by the column before it
+        if not targets:
+            return ()
+        predicting = logits[width - length : width - 1]  # [length - 1, V]
+        ids = torch.tensor(targets, dtype=torch.long, device=self.device)
+        return tuple(position_logprobs(predicting, ids, k).to_host([k] * len(targets)))
+
+    def _sample(
+        self, seqs: list[Sequence], logits: torch.Tensor, slots: torch.Tensor, rows: list[int]
+    ) -> StepOutput:
+        """Sample every row of ``logits`` (``seqs[i]`` is row ``rows[i]``; other rows are padding that samples
+        into the scratch slot); rows of requests that asked for logprobs get them, top-k on the device."""
+        asking = [i for i, seq in enumerate(seqs) if seq.sampling.logprobs is not None]
+        ks = [seqs[i].sampling.logprobs or 0 for i in asking]
+        logprob_rows = torch.tensor([rows[i] for i in asking], dtype=torch.long, device=self.device)
+        sampled: SamplerOutput = self.sampler.sample(
+            logits,
+            slots,
+            logprob_rows=logprob_rows if asking else None,
+            num_logprobs=max(ks, default=0),
+        )
+        tokens = sampled.token_ids.tolist()
+        output = StepOutput(token_ids=[tokens[r] for r in rows])
+        if sampled.logprobs is not None:
+            output.logprobs = [None] * len(seqs)
+            for i, row in zip(asking, sampled.logprobs.to_host(ks), strict=True):
+                output.logprobs[i] = row
+        return output
 
     def _decode(self, seqs: list[Sequence]) -> StepOutput:
         """Batch -> StepOutput for running sequences: row i is slot i for i in [0, rows); rows of free slots
@@ -251,8 +302,7 @@ class ModelRunner:
                 logits[idx.to(self.device)] = self._forward(
                     group.model, input_ids[idx], rope_pos[idx], mask[:, None, None, :], names
                 )
-        tokens = self.sampler(logits, sample_slots.to(self.device)).tolist()
-        return StepOutput(token_ids=[tokens[seq.slot] for seq in seqs])
+        return self._sample(seqs, logits, sample_slots.to(self.device), [seq.slot for seq in seqs])
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -284,8 +334,11 @@ class ModelRunner:
         rope_pos: torch.Tensor,
         mask: torch.Tensor,
         adapter_names: list[str],
+        *,
+        all_positions: bool = False,
     ) -> torch.Tensor:
-        """One forward over ``input_ids`` [B, S]; returns the last column's logits [B, V] in float32."""
+        """One forward over ``input_ids`` [B, S]; returns the last column's logits [B, V] in float32 (every
+        column's, [B, S, V], with ``all_positions``)."""
         kwargs: dict[str, object] = {}
         with self._adapter_routing(model, adapter_names) as peft_names:
             if peft_names is not None:
@@ -297,10 +350,10 @@ class ModelRunner:
                 attention_mask=self._masks.build(mask.to(self.device), positions),
                 past_key_values=self.kv,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if all_positions else 1,
                 **kwargs,
             )
-        return out.logits[:, -1, :].float()
+        return out.logits.float() if all_positions else out.logits[:, -1, :].float()
 
     # ------------------------------------------------------------------------------------ GPU fast path
     # Slot LoRA (server/runtime/slot_lora.py) routes rows to adapters through a device tensor instead of
@@ -337,8 +390,11 @@ class ModelRunner:
         )
 
     def _graphable(self, seqs: list[Sequence]) -> bool:
-        """A decode step runs as a graph unless a row runs on a snapshot or on an adapter without a slot."""
+        """A decode step runs as a graph unless a row runs on a snapshot or on an adapter without a slot, or
+        asks for logprobs (the graphs sample only; such a step runs eagerly)."""
         for seq in seqs:
+            if seq.sampling.logprobs is not None:
+                return False
             if getattr(seq.lease, "snapshot", None) is not None:
                 return False
             name = self._peft_name(seq)

@@ -4,8 +4,15 @@ Per-sequence sampling state lives in fixed slots (the runner's KV slots), in dev
 so one step gathers every row's parameters with ``tensor[slots]`` and the whole call is pure tensor ops of
 fixed shapes: it can be captured in a CUDA graph together with the decode step.
 
-Order (vLLM's): repetition penalty -> frequency/presence penalties -> greedy argmax or temperature ->
-top-k -> top-p -> min-p -> sample.
+Order (vLLM's): logit bias and min-tokens masking -> repetition penalty -> frequency/presence penalties ->
+greedy argmax or temperature -> top-k -> top-p -> min-p -> sample.
+
+Logprobs (only for the rows that asked, on the device, top-k there: a step copies ``[R, k]`` values to the
+host, never a vocabulary-sized row). As vLLM's default ``logprobs_mode="raw_logprobs"``, they are the
+log-softmax of the model's own logits, before bias, penalties, temperature and filters; the sampler built
+with ``"processed_logprobs"`` reports the distribution the token was drawn from instead (after every stage;
+for greedy rows, after bias and penalties). Filtered tokens there have logprob -inf, sent as -9999.0 as
+OpenAI does.
 
 Randomness: Gumbel-max (equivalently the exponential race). Row ``b`` samples
 ``argmax_i(logits[b, i] / T + g(seed, step, i))`` where ``g`` is Gumbel noise from a counter-based hash of
@@ -14,16 +21,23 @@ but its own request: not on the slot number, the batch size, or its neighbours i
 
 Memory: per slot one int32 output-count row and one bool prompt-mask row of ``vocab_size`` entries, e.g.
 65 slots x 128k vocab x (4 + 1) B = 42 MB.
+The first request with ``logit_bias`` or ``min_tokens`` adds a float32 bias row and a bool "blocked until
+min_tokens" row per slot (another 42 MB there); servers that never see them never allocate them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-from server.engine.types import SamplingParams
+from server.engine.types import PositionLogprobs, SamplingParams
+
+LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
+LOGPROBS_MODES: tuple[str, ...] = get_args(LogprobsMode)
+NO_LOGPROB = -9999.0  # OpenAI's value for "very unlikely"; JSON has no -inf
 
 # splitmix64 constants as signed int64 (torch has no uint64 arithmetic); products wrap modulo 2**64.
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -36,7 +50,7 @@ _STEP_MUL = 0xD6E8FEB86659FD93 - (1 << 64)
 _TEMPERATURE, _TOP_P, _MIN_P, _REPETITION, _PRESENCE, _FREQUENCY = range(6)
 _DEFAULT_FLOAT_PARAMS = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0)
 # Columns of the per-slot int64 table.
-_TOP_K, _SEED, _STEP = range(3)
+_TOP_K, _SEED, _STEP, _MIN_TOKENS = range(4)
 
 
 def _shift_right_logical(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -129,9 +143,63 @@ class SamplingFeatures:
     penalties: bool = True
     filters: bool = True
     random: bool = True
+    bias: bool = True  # logit_bias or min_tokens
 
 
 ALL_FEATURES = SamplingFeatures()
+
+
+@dataclass(slots=True)
+class LogprobTensors:
+    """Logprobs of some rows of a step, still on the device. ``rows`` ``[R]`` are batch rows; the others
+    are ``[R]`` (the token at the position, its logprob and rank) and ``[R, K]`` (top ``K``, descending)."""
+
+    rows: torch.Tensor
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor
+    ranks: torch.Tensor
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+
+    def to_host(self, ks: Sequence[int]) -> list[PositionLogprobs]:
+        """One ``PositionLogprobs`` per row, keeping ``ks[r]`` of the top entries of row ``r``. Small copies
+        only: ``[R]`` and ``[R, K]``."""
+        ids, lps, ranks = self.token_ids.tolist(), self.logprobs.tolist(), self.ranks.tolist()
+        top_ids, top_lps = self.top_ids.tolist(), self.top_logprobs.tolist()
+        return [
+            PositionLogprobs(
+                token_id=ids[r],
+                logprob=max(lps[r], NO_LOGPROB),
+                rank=ranks[r],
+                top_ids=tuple(top_ids[r][:k]),
+                top_logprobs=tuple(max(v, NO_LOGPROB) for v in top_lps[r][:k]),
+            )
+            for r, k in enumerate(ks)
+        ]
+
+
+def position_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, k: int, rows: torch.Tensor | None = None
+) -> LogprobTensors:
+    """Log-softmax of ``logits`` ``[N, V]`` at ``token_ids`` ``[N]`` (value and rank) and its top ``k``,
+    all on the device. ``rows`` labels the N rows (default ``0..N-1``)."""
+    logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)  # [N, V]
+    chosen = logprobs.gather(1, token_ids[:, None])  # [N, 1]
+    ranks = (logprobs > chosen).sum(dim=-1) + 1  # [N], 1 = most likely (ties share the best rank)
+    top_logprobs, top_ids = (
+        logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], token_ids[:, None][:, :0])
+    )
+    if rows is None:
+        rows = torch.arange(len(token_ids), device=token_ids.device)
+    return LogprobTensors(rows, token_ids, chosen[:, 0], ranks, top_ids, top_logprobs)
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """One step's samples ``[B]``, and the logprobs of the rows that asked (None when none did)."""
+
+    token_ids: torch.Tensor
+    logprobs: LogprobTensors | None = None
 
 
 class Sampler:
@@ -142,10 +210,17 @@ class Sampler:
     """
 
     def __init__(
-        self, vocab_size: int, num_slots: int, device: torch.device, num_valid_ids: int | None = None
+        self,
+        vocab_size: int,
+        num_slots: int,
+        device: torch.device,
+        logprobs_mode: LogprobsMode = "raw_logprobs",
+        num_valid_ids: int | None = None,
     ) -> None:
         if vocab_size < 1 or num_slots < 1:
             raise ValueError(f"vocab_size and num_slots must be positive, got {vocab_size}, {num_slots}")
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
         self.vocab_size = vocab_size
         # Models pad their embedding past the tokenizer's vocabulary (to a multiple of 64, say); those ids
         # decode to nothing, so they are never sampled.
@@ -156,20 +231,36 @@ class Sampler:
         )  # [V] bool
         self.num_slots = num_slots
         self.device = torch.device(device)
+        self.logprobs_mode = logprobs_mode
         rows = num_slots + 1  # + the scratch slot for padding rows
         self._float_params = torch.tensor([_DEFAULT_FLOAT_PARAMS] * rows, dtype=torch.float32, device=device)
-        self._int_params = torch.zeros(rows, 3, dtype=torch.int64, device=device)  # top_k, seed, step
+        # top_k, seed, step, min_tokens
+        self._int_params = torch.zeros(rows, 4, dtype=torch.int64, device=device)
         self._prompt_mask = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)  # [S+1, V]
         self._output_counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=device)  # [S+1, V]
+        # Allocated on first use (most servers never see logit_bias or min_tokens): [S+1, V] each.
+        self._logit_bias: torch.Tensor | None = None
+        self._min_tokens_block: torch.Tensor | None = None  # ids EOS-like until min_tokens are out
         # Host-side view of which started slots need which stage, so `features()` costs no device read.
         self._active: dict[int, SamplingFeatures] = {}
 
-    def start(self, slot: int, prompt_token_ids: Sequence[int], params: SamplingParams, seed: int) -> None:
+    def start(
+        self,
+        slot: int,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        seed: int,
+        stop_token_ids: Sequence[int] = (),
+    ) -> None:
         """A sequence enters ``slot``: its params go to the slot's device rows, its prompt tokens are marked
-        for the repetition penalty, and its output counts and step counter restart at zero."""
+        for the repetition penalty, and its output counts and step counter restart at zero.
+        ``stop_token_ids`` (EOS and the request's own) cannot be sampled before ``params.min_tokens``."""
         self._check_slot(slot)
         if prompt_token_ids and not 0 <= min(prompt_token_ids) <= max(prompt_token_ids) < self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        named = [t for t, _ in params.logit_bias] + list(stop_token_ids)
+        if named and not 0 <= min(named) <= max(named) < self.vocab_size:
+            raise ValueError(f"logit_bias and stop token ids must be in [0, {self.vocab_size})")
         # Assignment from a host tensor is one small host-to-device copy per table.
         self._float_params[slot] = torch.tensor(
             [
@@ -182,12 +273,25 @@ class Sampler:
             ],
             dtype=torch.float32,
         )
-        self._int_params[slot] = torch.tensor([params.top_k, seed, 0], dtype=torch.int64)
+        self._int_params[slot] = torch.tensor([params.top_k, seed, 0, params.min_tokens], dtype=torch.int64)
         self._output_counts[slot].zero_()
         self._prompt_mask[slot].zero_()
         if prompt_token_ids:
             ids = torch.tensor(list(prompt_token_ids), dtype=torch.int64, device=self.device)
             self._prompt_mask[slot, ids] = True
+        self._clear_bias(slot)
+        blocked = params.min_tokens > 0 and bool(stop_token_ids)
+        if (params.logit_bias or blocked) and self._logit_bias is None:
+            # both tables at once: a captured decode graph of the "bias" stage holds both addresses
+            self._logit_bias = self._new_table(torch.float32)
+            self._min_tokens_block = self._new_table(torch.bool)
+        if params.logit_bias and self._logit_bias is not None:
+            ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.int64, device=self.device)
+            values = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32, device=self.device)
+            self._logit_bias[slot, ids] = values
+        if blocked and self._min_tokens_block is not None:
+            ids = torch.tensor(list(stop_token_ids), dtype=torch.int64, device=self.device)
+            self._min_tokens_block[slot, ids] = True
         penalized = (
             params.repetition_penalty != 1.0
             or params.frequency_penalty != 0.0
@@ -195,7 +299,10 @@ class Sampler:
         )
         filtered = 0 < params.top_k < self.vocab_size or params.top_p < 1.0 or params.min_p > 0.0
         self._active[slot] = SamplingFeatures(
-            penalties=penalized, filters=filtered and not params.greedy, random=not params.greedy
+            penalties=penalized,
+            filters=filtered and not params.greedy,
+            random=not params.greedy,
+            bias=bool(params.logit_bias) or blocked,
         )
 
     def free(self, slot: int) -> None:
@@ -205,7 +312,20 @@ class Sampler:
         self._int_params[slot].zero_()
         self._output_counts[slot].zero_()
         self._prompt_mask[slot].zero_()
+        self._clear_bias(slot)
         self._active.pop(slot, None)
+
+    def _new_table(self, dtype: torch.dtype) -> torch.Tensor:
+        # a normal tensor even when the first use comes inside a step's inference mode: later in-place
+        # updates (start/free) run outside it
+        with torch.inference_mode(False):
+            return torch.zeros(self.num_slots + 1, self.vocab_size, dtype=dtype, device=self.device)
+
+    def _clear_bias(self, slot: int) -> None:
+        if self._logit_bias is not None:
+            self._logit_bias[slot].zero_()
+        if self._min_tokens_block is not None:
+            self._min_tokens_block[slot].zero_()
 
     def features(self) -> SamplingFeatures:
         """The stages some started slot needs (a safe superset for any batch of started slots)."""
@@ -213,25 +333,46 @@ class Sampler:
             penalties=any(f.penalties for f in self._active.values()),
             filters=any(f.filters for f in self._active.values()),
             random=any(f.random for f in self._active.values()),
+            bias=any(f.bias for f in self._active.values()),
         )
 
     def __call__(
         self, logits: torch.Tensor, slots: torch.Tensor, features: SamplingFeatures | None = None
     ) -> torch.Tensor:
-        """Sample one token per row. logits ``[B, V]`` (any float dtype), slots ``[B]`` int64 -> ``[B]`` int64.
+        """Sample one token per row. logits ``[B, V]`` (any float dtype), slots ``[B]`` int64 -> ``[B]`` int64."""
+        return self.sample(logits, slots, features).token_ids
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        slots: torch.Tensor,
+        features: SamplingFeatures | None = None,
+        *,
+        logprob_rows: torch.Tensor | None = None,
+        num_logprobs: int = 0,
+    ) -> SamplerOutput:
+        """Sample one token per row: logits ``[B, V]`` (any float dtype), slots ``[B]`` int64.
 
         Records each sampled token in its slot's output counts and advances the slot's step counter.
         ``features`` skips stages no row needs; None derives them from the started slots. Passing a feature
-        set that lacks a stage some row needs silently skips that stage for the row.
+        set that lacks a stage some row needs silently skips that stage for the row. ``logprob_rows``
+        ``[R]`` (batch rows) get the sampled token's logprob and the top ``num_logprobs`` alternatives.
         """
         if features is None:
             features = self.features()
         logits = logits.to(torch.float32)  # [B, V]
         if self._padded_ids is not None:
             logits = logits.masked_fill(self._padded_ids, float("-inf"))  # [B, V]
+        raw = logits
         fparams = self._float_params[slots]  # [B, 6]
-        iparams = self._int_params[slots]  # [B, 3]
+        iparams = self._int_params[slots]  # [B, 4]
 
+        if features.bias:
+            if self._logit_bias is not None:
+                logits = logits + self._logit_bias[slots]
+            if self._min_tokens_block is not None:
+                early = iparams[:, _STEP] < iparams[:, _MIN_TOKENS]  # [B]
+                logits = logits.masked_fill(self._min_tokens_block[slots] & early[:, None], float("-inf"))
         if features.penalties:
             logits = apply_penalties(
                 logits,
@@ -242,6 +383,7 @@ class Sampler:
                 fparams[:, _PRESENCE],
             )
         next_ids = torch.argmax(logits, dim=-1)  # [B], first maximal index, as HF generate
+        processed = logits  # [B, V], the distribution each row's token is drawn from
 
         if features.random:
             temperature = fparams[:, _TEMPERATURE]  # [B]
@@ -252,9 +394,15 @@ class Sampler:
             noise = gumbel_noise(iparams[:, _SEED], iparams[:, _STEP], self.vocab_size)  # [B, V]
             sampled = torch.argmax(scaled + noise, dim=-1)  # [B]
             next_ids = torch.where(greedy, next_ids, sampled)
+            if logprob_rows is not None and self.logprobs_mode == "processed_logprobs":
+                processed = torch.where(greedy[:, None], logits, scaled)
 
+        lp = None
+        if logprob_rows is not None:
+            dist = raw if self.logprobs_mode == "raw_logprobs" else processed
+            lp = position_logprobs(dist[logprob_rows], next_ids[logprob_rows], num_logprobs, logprob_rows)
         self._record(slots, next_ids)
-        return next_ids
+        return SamplerOutput(next_ids, lp)
 
     def _record(self, slots: torch.Tensor, token_ids: torch.Tensor) -> None:
         # Accumulating scatters (atomic adds, graph-safe, no host sync): padding rows all point at the scratch

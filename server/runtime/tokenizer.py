@@ -24,10 +24,17 @@ class HFTokenizer:
             ids = generation_config.eos_token_id
             eos.update(int(i) for i in (ids if isinstance(ids, list) else [ids]))
         self._eos = frozenset(eos)
+        self._special_ids = frozenset(int(i) for i in tokenizer.all_special_ids)
+        self._token_text: dict[int, str] = {}  # bounded by the vocabulary
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos
+
+    @property
+    def num_ids(self) -> int:
+        """How many ids the tokenizer can decode (a model may pad its embedding past them)."""
+        return len(self.hf)
 
     @property
     def has_chat_template(self) -> bool:
@@ -48,5 +55,39 @@ class HFTokenizer:
             ) from exc
         return list(self.hf.encode(str(text), add_special_tokens=False))
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return str(self.hf.decode(list(token_ids), skip_special_tokens=True))
+    def decode(
+        self,
+        token_ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str:
+        """Text of ``token_ids``. With special tokens kept, ``spaces_between_special_tokens`` puts a space
+        between each special token and its neighbours, as vLLM (and slow HF tokenizers) do; fast HF
+        tokenizers ignore that option, so it is applied here."""
+        ids = list(token_ids)
+        if skip_special_tokens or not spaces_between_special_tokens:
+            return str(self.hf.decode(ids, skip_special_tokens=skip_special_tokens))
+        parts: list[str] = []
+        run: list[int] = []
+        for token_id in ids:
+            if token_id in self._special_ids:
+                if run:
+                    parts.append(str(self.hf.decode(run)))
+                    run = []
+                parts.append(str(self.hf.convert_ids_to_tokens(token_id)))
+            else:
+                run.append(token_id)
+        if run:
+            parts.append(str(self.hf.decode(run)))
+        return " ".join(parts)
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = str(self.hf.decode([token_id], skip_special_tokens=False))
+        return text
+
+    def encode_plain(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """``encode`` with the choice of special tokens (``/tokenize``'s ``add_special_tokens``)."""
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))

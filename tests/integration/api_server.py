@@ -137,8 +137,21 @@ def _contract() -> dict[str, Any]:
 
 
 @cache
-def _validator(name: str, *, streamed_completion: bool = False) -> jsonschema.Draft202012Validator:
+def _validator(
+    name: str, *, streamed_completion: bool = False, aborted: bool = False, echo: bool = False
+) -> jsonschema.Draft202012Validator:
     document = copy.deepcopy(_contract())
+    schemas = document["components"]["schemas"]
+    completion_choice = schemas["CreateCompletionResponse"]["properties"]["choices"]["items"]
+    if aborted:
+        # vLLM reports an aborted request (drain timeout) as finish_reason "abort", which OpenAI never sends.
+        completion_choice["properties"]["finish_reason"]["enum"].append("abort")
+    if echo:
+        # echo with logprobs: nothing predicts the prompt's first token, so its logprob and top logprobs are
+        # null (as OpenAI's own legacy endpoint and vLLM answer); the spec's item types omit that null.
+        logprobs = completion_choice["properties"]["logprobs"]["anyOf"][0]["properties"]
+        for key in ("token_logprobs", "top_logprobs"):
+            logprobs[key]["items"] = {"anyOf": [logprobs[key]["items"], {"type": "null"}]}
     if streamed_completion:
         # The spec says completion chunks share the plain response's shape, whose finish_reason is a required
         # string; OpenAI itself streams ``null`` until the last chunk, and so do we. Allow exactly that.
@@ -152,9 +165,12 @@ def _validator(name: str, *, streamed_completion: bool = False) -> jsonschema.Dr
     return jsonschema.Draft202012Validator(schema)
 
 
-def validate(name: str, instance: Any, *, streamed_completion: bool = False) -> None:
-    """Raise ``jsonschema.ValidationError`` unless ``instance`` is a valid ``name`` of the contract."""
-    _validator(name, streamed_completion=streamed_completion).validate(instance)
+def validate(
+    name: str, instance: Any, *, streamed_completion: bool = False, aborted: bool = False, echo: bool = False
+) -> None:
+    """Raise ``jsonschema.ValidationError`` unless ``instance`` is a valid ``name`` of the contract
+    (``aborted`` and ``echo`` admit the two documented departures, see ``_validator``)."""
+    _validator(name, streamed_completion=streamed_completion, aborted=aborted, echo=echo).validate(instance)
 
 
 def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:

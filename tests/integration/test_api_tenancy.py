@@ -86,6 +86,27 @@ def test_forbidden_models_look_unknown(server: ServerProcess, base_id: str) -> N
     assert other["message"] == unknown["message"].replace("no-such-adapter", "shout")
 
 
+def test_model_route_tokenize_and_detokenize_follow_the_tenant(server: ServerProcess, base_id: str) -> None:
+    with server.http(ACME) as acme:
+        card = acme.get("/v1/models/pirate")
+        assert card.status_code == 200 and card.json()["parent"] == base_id
+        validate("Model", card.json())
+        # the base (allow_base false), another adapter and an unknown one answer alike
+        unknown = assert_error(acme.get("/v1/models/no-such-model"), 404, "model")
+        for hidden in (base_id, "shout"):
+            assert assert_error(acme.get(f"/v1/models/{hidden}"), 404, "model")["code"] == unknown["code"]
+            body = {"model": hidden, "prompt": "hi"}
+            assert_error(acme.post("/tokenize", json=body), 404, "model")
+            assert_error(acme.post("/detokenize", json={"model": hidden, "tokens": [7]}), 404, "model")
+        ids = acme.post("/tokenize", json={"model": "pirate", "prompt": "Hello world"}).json()
+        assert ids["count"] == len(ids["tokens"]) and ids["max_model_len"] == 256
+        text = acme.post("/detokenize", json={"model": "pirate", "tokens": ids["tokens"]}).json()
+        assert text == {"prompt": "Hello world"}
+    with server.http(None) as anonymous:
+        assert_error(anonymous.post("/tokenize", json={"model": "pirate", "prompt": "x"}), 401)
+        assert_error(anonymous.get("/v1/models/pirate"), 401)
+
+
 def test_admin_route(server: ServerProcess) -> None:
     with server.http() as http:
         assert_error(http.get(ADMIN_ROUTE), 401)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import adapter_load
+from benchmarks import adapter_load, logprobs_cost
 from benchmarks.engine_vs_naive import main
 
 
@@ -49,3 +49,13 @@ def test_adapter_load_demo_measures_the_promotion_stall(tmp_path: Path) -> None:
             assert figures[mode].keys() == {"disk_to_gpu_ms", "cpu_to_gpu_ms", "engine_stall_ms"}
             assert all(v > 0 for v in figures[mode].values())
         assert figures["engine_stall_peft_over_slots"] > 0 and "snapshot_build_s" not in figures
+
+
+def test_logprobs_cost_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "logprobs.json"
+    logprobs_cost.main(["--requests", "2", "--max-tokens", "3", "--rounds", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["tokens_per_s"].keys() == {"without", "all_with", "half_with"}
+    assert all(v > 0 for v in data["tokens_per_s"].values())
+    # the variants measure what they say: logprobs for every token, half of them, none
+    assert data["tokens_with_logprobs"] == {"without": 0, "all_with": 6, "half_with": 3}

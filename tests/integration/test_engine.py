@@ -245,7 +245,7 @@ def test_bad_requests_are_refused_before_admission(engine) -> None:  # type: ign
     assert budget.value.param == "max_tokens"
     with pytest.raises(UnknownModelError):
         asyncio.run(submit(request(PROMPTS[0], adapter="no-such-adapter")))
-    for bad in ({"temperature": float("nan")}, {"top_p": 0.0}, {"max_tokens": 0}, {"top_k": 1.5}):
+    for bad in ({"temperature": float("nan")}, {"top_p": 0.0}, {"max_tokens": -1}, {"top_k": 1.5}):
         with pytest.raises(InvalidSamplingParamsError):
             request(PROMPTS[0], **bad)
     (ok,) = run_all(engine, [request(PROMPTS[0], max_tokens=3)])

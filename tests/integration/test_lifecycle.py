@@ -1,6 +1,6 @@
 """Life cycle of the real server: /health and /ready, and the SIGTERM drain: stop admitting (503), let
 running requests finish up to --shutdown-timeout, abort the rest (reported to the client as finish_reason
-``length``, see schemas.openai_finish_reason), exit 0."""
+``abort`` as vLLM does, see schemas.openai_finish_reason), exit 0."""
 
 from __future__ import annotations
 
@@ -114,5 +114,5 @@ def test_sigterm_aborts_what_outlives_the_timeout(tmp_path: Path) -> None:
     assert result["done"], result
     last = result["chunks"][-1]
     assert len(result["chunks"]) < 250  # one chunk a token: the drain timeout cut the request short
-    validate("CreateCompletionResponse", last, streamed_completion=True)
-    assert last["choices"][0]["finish_reason"] == "length"
+    validate("CreateCompletionResponse", last, streamed_completion=True, aborted=True)
+    assert last["choices"][0]["finish_reason"] == "abort"  # as vLLM reports an aborted request

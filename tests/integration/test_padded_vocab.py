@@ -61,7 +61,7 @@ async def _tokens(engine: AsyncEngine, prompt: str, temperature: float) -> list[
         prompt=prompt,
     )
     out: list[int] = []
-    async for event in await engine.add_request(req):
+    async for event in await engine.add_requests([req]):
         out.extend(event.token_ids)
     return out
 

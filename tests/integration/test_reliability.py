@@ -77,7 +77,7 @@ def request(prompt: str, adapter: str | None = None, max_tokens: int = 4) -> Gen
 
 
 async def final_event(engine: AsyncEngine, req: GenerationRequest) -> TokenEvent:
-    stream = await engine.add_request(req)
+    stream = await engine.add_requests([req])
     async for event in stream:
         if event.finished:
             return event

@@ -253,7 +253,7 @@ def test_free_and_start_reset_the_slot() -> None:
     _run(sampler, 0, logits, 3)
     sampler.free(0)
     assert sampler.output_counts(0).tolist() == [0, 0, 0, 0] and sampler.step_count(0) == 0
-    assert sampler.features() == SamplingFeatures(penalties=False, filters=False, random=False)
+    assert sampler.features() == SamplingFeatures(penalties=False, filters=False, random=False, bias=False)
     # A fresh start sees only its own prompt: token 0 is no longer penalized by the previous prompt.
     sampler.start(0, [1], SamplingParams(temperature=0.0, repetition_penalty=3.0), seed=0)
     assert _run(sampler, 0, logits, 1) == [0]
@@ -285,7 +285,7 @@ def test_skipping_unneeded_stages_gives_the_same_tokens() -> None:
         sampler = _sampler()
         sampler.start(0, [1], SamplingParams(temperature=0.9), seed=1)
         sampler.start(1, [2], SamplingParams(temperature=0.0), seed=2)
-        assert sampler.features() == SamplingFeatures(penalties=False, filters=False, random=True)
+        assert sampler.features() == SamplingFeatures(penalties=False, filters=False, random=True, bias=False)
         results.append([sampler(logits, torch.tensor([0, 1, 4]), features).tolist() for _ in range(5)])
     assert results[0] == results[1]
 
@@ -335,3 +335,50 @@ def test_frequencies_follow_the_filtered_renormalized_distribution() -> None:
     expected[top] = torch.softmax(torch.tensor(logits)[top], dim=-1)
     assert (freq - expected).abs().max() < TOLERANCE
     assert freq[expected == 0].sum() == 0
+
+
+# ------------------------------------------------------------------ logit_bias, min_tokens, logprobs
+
+
+def test_logit_bias_moves_the_argmax_and_leaves_other_slots_alone() -> None:
+    sampler = _sampler(vocab_size=4, num_slots=2)
+    logits = torch.tensor([[1.0, 3.0, 0.0, 0.0], [1.0, 3.0, 0.0, 0.0]])
+    sampler.start(0, [], SamplingParams(temperature=0.0, logit_bias=((2, 100.0), (1, -100.0))), seed=0)
+    sampler.start(1, [], SamplingParams(temperature=0.0), seed=0)
+    assert sampler(logits, torch.tensor([0, 1])).tolist() == [2, 1]
+    sampler.free(0)
+    sampler.start(0, [], SamplingParams(temperature=0.0), seed=0)
+    assert sampler(logits, torch.tensor([0, 1])).tolist() == [1, 1]  # the bias left with its sequence
+
+
+def test_min_tokens_blocks_stop_ids_until_enough_tokens_are_out() -> None:
+    sampler = _sampler(vocab_size=4, num_slots=1)
+    logits = torch.tensor([[0.0, 0.0, 0.0, 5.0]])  # token 3 (EOS here) is the argmax
+    sampler.start(0, [], SamplingParams(temperature=0.0, min_tokens=2), seed=0, stop_token_ids=[3])
+    assert _run(sampler, 0, logits, 3) == [0, 0, 3]
+
+
+@pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs"])
+def test_logprobs_for_the_rows_that_asked(mode: str) -> None:
+    sampler = Sampler(6, 3, CPU, logprobs_mode=mode)  # type: ignore[arg-type]
+    logits = torch.randn(3, 6, generator=torch.Generator().manual_seed(3))
+    sampler.start(0, [], SamplingParams(temperature=0.0, presence_penalty=2.0), seed=0)
+    sampler.start(2, [], SamplingParams(temperature=0.5), seed=9)
+    out = sampler.sample(logits, torch.tensor([0, 1, 2]), logprob_rows=torch.tensor([0, 2]), num_logprobs=3)
+    assert out.logprobs is not None and out.logprobs.rows.tolist() == [0, 2]
+    rows = out.logprobs.to_host([3, 1])
+    assert [len(r.top_ids) for r in rows] == [3, 1]
+    # the distribution: raw = the model's; processed = what row 2 sampled from (temperature 0.5)
+    dists = [logits[0], logits[2] if mode == "raw_logprobs" else logits[2] / 0.5]
+    for row, dist, token in zip(rows, dists, out.token_ids[[0, 2]].tolist(), strict=True):
+        want = torch.log_softmax(dist, dim=-1)
+        assert row.token_id == token
+        assert row.logprob == pytest.approx(float(want[token]), abs=1e-5)
+        assert list(row.top_ids) == want.topk(len(row.top_ids)).indices.tolist()
+        assert row.rank == int((want > want[token]).sum()) + 1
+
+
+def test_no_logprobs_unless_asked() -> None:
+    sampler = _sampler()
+    sampler.start(0, [], SamplingParams(), seed=0)
+    assert sampler.sample(torch.randn(1, 8), torch.tensor([0])).logprobs is None

@@ -45,7 +45,8 @@ def test_completion_defaults_and_fields() -> None:
     request = completion()
     generation = request.to_generation_request("cmpl-1", adapter=None, tenant="t")
     assert generation.prompt == "hi" and generation.adapter is None and generation.tenant == "t"
-    assert generation.sampling.max_tokens == DEFAULT_COMPLETION_MAX_TOKENS
+    assert generation.sampling.max_tokens is None  # omitted: the default, capped by the context
+    assert generation.default_max_tokens == DEFAULT_COMPLETION_MAX_TOKENS
     assert generation.sampling.temperature == 1.0 and generation.sampling.stop == ()
 
     request = completion(
@@ -67,7 +68,7 @@ def test_completion_defaults_and_fields() -> None:
         logprobs=None,
         echo=False,
         best_of=1,
-        unknown_field={"x": 1},
+        metadata={"x": "1"},  # an ignorable field
     )
     sampling = request.to_generation_request("cmpl-2", adapter="a", tenant="t").sampling
     assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.stop) == (8, 0.0, 0.5, ("x",))
@@ -77,10 +78,58 @@ def test_completion_defaults_and_fields() -> None:
 
 @pytest.mark.parametrize(
     ("prompt", "expected"),
-    [("text", "text"), ([1, 2, 3], [1, 2, 3]), (["one"], "one"), ([[4, 5]], [4, 5])],
+    [
+        ("text", ["text"]),
+        ([1, 2, 3], [[1, 2, 3]]),
+        (["one"], ["one"]),
+        ([[4, 5]], [[4, 5]]),
+        (["a", "b"], ["a", "b"]),
+        ([[1], [2, 3]], [[1], [2, 3]]),
+    ],
 )
 def test_completion_prompt_forms(prompt: Any, expected: Any) -> None:
-    assert completion(prompt=prompt).single_prompt() == expected
+    assert completion(prompt=prompt).prompts() == expected
+
+
+def test_prompt_list_and_n_give_one_request_per_choice_with_derived_seeds() -> None:
+    request = completion(prompt=["a", "b"], n=3, seed=11, logprobs=2, echo=True, max_tokens=0)
+    requests = request.to_generation_requests("cmpl-x", adapter="ad", tenant="t")
+    assert [r.request_id for r in requests] == [f"cmpl-x-{i}" for i in range(6)]
+    assert [r.prompt for r in requests] == ["a"] * 3 + ["b"] * 3
+    seeds = [r.sampling.seed for r in requests]
+    assert seeds[0] == 11 and len(set(seeds[:3])) == 3 and seeds[:3] == seeds[3:]
+    assert all(r.sampling.logprobs == 2 and r.sampling.prompt_logprobs == 2 for r in requests)
+    assert all(r.sampling.max_tokens == 0 for r in requests)
+
+
+def test_vllm_extras_reach_the_sampling_params() -> None:
+    sampling = (
+        completion(
+            logit_bias={"5": -100, "7": 2.5},
+            min_tokens=2,
+            max_tokens=4,
+            stop_token_ids=[9],
+            skip_special_tokens=False,
+            spaces_between_special_tokens=False,
+            include_stop_str_in_output=True,
+            prompt_logprobs=1,
+        )
+        .to_generation_request("c", adapter=None, tenant="t")
+        .sampling
+    )
+    assert sampling.logit_bias == ((5, -100.0), (7, 2.5)) and sampling.min_tokens == 2
+    assert sampling.stop_token_ids == (9,) and sampling.prompt_logprobs == 1
+    assert not sampling.skip_special_tokens and not sampling.spaces_between_special_tokens
+    assert sampling.include_stop_str_in_output and sampling.logprobs is None
+
+
+def test_chat_logprobs_fields() -> None:
+    sampling = (
+        chat(logprobs=True, top_logprobs=4).to_generation_request("c", adapter=None, tenant="t").sampling
+    )
+    assert sampling.logprobs == 4
+    assert chat(logprobs=True).to_generation_request("c", adapter=None, tenant="t").sampling.logprobs == 0
+    assert chat().to_generation_request("c", adapter=None, tenant="t").sampling.logprobs is None
 
 
 def test_chat_messages_and_max_completion_tokens() -> None:
@@ -95,17 +144,15 @@ def test_chat_messages_and_max_completion_tokens() -> None:
         tool_choice="none",
         response_format={"type": "text"},
     )
-    generation = request.to_generation_request(
-        "chatcmpl-1", adapter=None, tenant="t", max_model_len=MAX_MODEL_LEN
-    )
+    generation = request.to_generation_request("chatcmpl-1", adapter=None, tenant="t")
     assert generation.messages == [
         ChatMessage("system", "be brief"),
         ChatMessage("user", "ab"),
         ChatMessage("assistant", "ok"),
     ]
     assert generation.sampling.max_tokens == 9
-    default = chat().to_generation_request("c", adapter=None, tenant="t", max_model_len=MAX_MODEL_LEN)
-    assert 1 <= default.sampling.max_tokens < MAX_MODEL_LEN
+    default = chat().to_generation_request("c", adapter=None, tenant="t")
+    assert default.sampling.max_tokens is None  # the engine fills in the rest of the context (vLLM)
 
 
 # (fields merged into a valid body, the param the error must name); the same table drives the HTTP test
@@ -118,12 +165,13 @@ BAD_COMPLETION_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"top_p": 1.5}, "top_p"),
     ({"presence_penalty": 2.1}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"),
-    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -1}, "max_tokens"),
     ({"max_tokens": MAX_MODEL_LEN}, "max_tokens"),
     ({"max_tokens": 1.5}, "max_tokens"),
     ({"max_tokens": "8"}, "max_tokens"),
-    ({"n": 2}, "n"),
+    ({"n": 17}, "n"),
     ({"n": 0}, "n"),
+    ({"n": 16, "prompt": ["a"] * 5}, "n"),  # 80 choices
     ({"seed": 2**64}, "seed"),
     ({"top_k": -2}, "top_k"),
     ({"min_p": 1.5}, "min_p"),
@@ -136,16 +184,35 @@ BAD_COMPLETION_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"stream": "true"}, "stream"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"stream": True, "stream_options": {"include_usage": "y"}}, "stream_options.include_usage"),
-    ({"logprobs": 2}, "logprobs"),
-    ({"echo": True}, "echo"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"logprobs": True}, "logprobs"),
+    ({"echo": "yes"}, "echo"),
     ({"best_of": 3}, "best_of"),
     ({"suffix": "end"}, "suffix"),
-    ({"logit_bias": {"50256": -100}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"5": -100.5}}, "logit_bias"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": "1"}}, "logit_bias"),
+    ({"logit_bias": [1]}, "logit_bias"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"stop_token_ids": "1"}, "stop_token_ids"),
+    ({"skip_special_tokens": 1}, "skip_special_tokens"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"max_tokens": 0, "echo": False}, "max_tokens"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"guided_choice": ["a"]}, "guided_choice"),
+    ({"structured_outputs": {"json": {}}}, "structured_outputs"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"no_such_field": 1}, "no_such_field"),
     ({"model": ""}, "model"),
     ({"model": 5}, "model"),
     ({"model": None}, "model"),
     ({"prompt": None}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": ["a"] * 33}, "prompt"),
     ({"prompt": [1, "a"]}, "prompt"),
     ({"prompt": {"text": "a"}}, "prompt"),
     ({"user": "u" * 300}, "user"),
@@ -166,12 +233,17 @@ BAD_CHAT_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"max_completion_tokens": MAX_MODEL_LEN + 1}, "max_completion_tokens"),
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": 3}, "logprobs"),
     ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": False, "top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"guided_regex": "a+"}, "guided_regex"),
+    ({"reasoning_effort": "high"}, "reasoning_effort"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"n": 3}, "n"),
+    ({"n": 17}, "n"),
+    ({"n": 0}, "n"),
     ({"temperature": 9}, "temperature"),
 ]
 
@@ -235,7 +307,7 @@ def test_depth_limit_is_exact() -> None:
 
 @pytest.mark.parametrize(
     ("reason", "openai"),
-    [(FinishReason.STOP, "stop"), (FinishReason.LENGTH, "length"), (FinishReason.ABORT, "length")],
+    [(FinishReason.STOP, "stop"), (FinishReason.LENGTH, "length"), (FinishReason.ABORT, "abort")],
 )
 def test_finish_reason_mapping(reason: FinishReason, openai: str) -> None:
     assert openai_finish_reason(reason) == openai
