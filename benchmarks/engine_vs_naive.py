@@ -90,6 +90,7 @@ class IdTokenizer:
 
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
+        self.num_ids = vocab_size
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

@@ -96,7 +96,7 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
-        self.sampler = Sampler(self._vocab_size, num_slots, self.device, num_valid_ids=len(tokenizer.hf))
+        self.sampler = Sampler(self._vocab_size, num_slots, self.device, num_valid_ids=tokenizer.num_ids)
         self._masks = MaskLayout.of(model, self.dtype)
         self._init_fast_path(cuda_graphs and self._masks.is_plain, slot_lora, max_lora_rank)
         log.info(

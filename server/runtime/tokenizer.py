@@ -30,6 +30,11 @@ class HFTokenizer:
         return self._eos
 
     @property
+    def num_ids(self) -> int:
+        """How many ids the tokenizer can decode (a model may pad its embedding past them)."""
+        return len(self.hf)
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
