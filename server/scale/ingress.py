@@ -267,7 +267,10 @@ def create_ingress_app(settings: Settings, scale: ScaleSettings, replicas: Repli
     """The ingress app over ``replicas``; polls their state while it runs (lifespan)."""
     metrics = IngressMetrics()
     router = AffinityRouter(
-        replicas.replica_ids, slots_per_replica=settings.max_num_seqs, policy=RoutingPolicy(scale.routing)
+        replicas.replica_ids,
+        slots_per_replica=settings.max_num_seqs,
+        adapters_per_replica=settings.max_gpu_adapters + settings.max_cpu_adapters,
+        policy=RoutingPolicy(scale.routing),
     )
     ingress = Ingress(replicas, router, metrics)
     keyring = load_api_keys(settings.api_keys) if settings.api_keys is not None else None

@@ -1,9 +1,10 @@
 """Adapter-affinity routing over a fixed set of engine replicas (pure Python: no Ray, no torch).
 
 A request for adapter X goes to a healthy replica that holds X in its GPU or CPU tier and has a free KV
-slot (fewest requests in flight among them); otherwise to the least-loaded healthy replica (fewest in
-flight, then fewest resident adapters, so that new adapters spread over the replicas' tiers). Base requests
-go to the least-loaded replica.
+slot (fewest requests in flight among them); otherwise to the least-loaded healthy replica: one with room
+left in its tiers first (so that taking X evicts nothing), then fewest in flight, then fewest resident
+adapters, so that new adapters spread over the replicas' tiers. Base requests go to the least-loaded
+replica.
 
 What a replica holds comes from two sources: its own reports (the residency it returns with every response
 and with every state poll), and the requests this router sent it, which count as "holds X" from the moment
@@ -68,6 +69,7 @@ class AffinityRouter:
         replica_ids: Iterable[str],
         *,
         slots_per_replica: int,
+        adapters_per_replica: int,
         policy: RoutingPolicy = RoutingPolicy.AFFINITY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -75,6 +77,7 @@ class AffinityRouter:
         if not self.replicas:
             raise ValueError("the router needs at least one replica")
         self.slots_per_replica = slots_per_replica
+        self.adapters_per_replica = adapters_per_replica
         self.policy = policy
         self._clock = clock
         self._cycle = itertools.cycle(sorted(self.replicas))
@@ -93,8 +96,13 @@ class AffinityRouter:
             if holders:
                 best = min(holders, key=lambda v: (v.in_flight, v.replica_id))
                 return Route(best.replica_id, RouteReason.RESIDENT)
-        best = min(candidates, key=lambda v: (v.in_flight, len(v.resident | v.routed.keys()), v.replica_id))
-        return Route(best.replica_id, RouteReason.LEAST_LOADED)
+
+        def load(v: ReplicaView) -> tuple[bool, int, int, str]:
+            held = len(v.resident | v.routed.keys())
+            # a replica whose tiers are full would evict another adapter to take this one
+            return (held >= self.adapters_per_replica, v.in_flight, held, v.replica_id)
+
+        return Route(min(candidates, key=load).replica_id, RouteReason.LEAST_LOADED)
 
     # ------------------------------------------------------------------------------------ events
 
