@@ -3,8 +3,8 @@
 One run, two deployments of the same application, each started fresh (cold tiers):
 
 1. ``--routing affinity`` and 2. ``--routing round_robin`` (the baseline): 2 replicas, 8 adapters (copies of
-   the demo adapters), each replica holding at most 2 in its GPU and 2 in its CPU tier, so the 8 fit only if
-   each adapter stays on one replica. Warm-up (every adapter once, then Zipf traffic), then ``--requests``
+   the demo adapters), each replica holding at most 2 in its GPU tier and 4 in its CPU tier (which also
+   keeps the GPU ones), so the 8 fit only if each adapter stays on one replica. Warm-up (every adapter once, then Zipf traffic), then ``--requests``
    requests with Zipf popularity. A request is a *hit* when ``x-loraserve-adapter-tier`` (the adapter's
    tier on the serving replica when the request arrived, reported by that replica) is ``gpu`` or ``cpu``.
 3. On the affinity deployment: non-streamed and streamed requests in flight while one replica's process is
@@ -148,9 +148,31 @@ def replica_pid(name: str) -> int:
     return min(pids)
 
 
+async def long_stream(client: httpx.AsyncClient, model: str, started: asyncio.Event) -> dict[str, Any]:
+    """A stream long enough to be cut by the kill; ``started`` is set at its first token."""
+    body = {
+        "model": model,
+        "prompt": "Tell a long story",
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    events: list[str] = []
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data:"):
+                events.append(line)
+                started.set()
+    return {
+        "replica": r.headers.get("x-loraserve-replica"),
+        "done": bool(events) and events[-1] == "data: [DONE]",
+        "error_event": any('"error"' in e for e in events),
+    }
+
+
 async def kill_phase(url: str, adapters: list[str], rng: random.Random, n: int) -> dict[str, Any]:
-    """``n`` non-streamed plus ``n // 4`` streamed requests, 6 in flight; replica-1 is killed after a
-    quarter of them finished."""
+    """``n`` non-streamed plus ``n // 4`` short streamed requests, 6 in flight, and one long stream per
+    replica; replica-1 is killed once a quarter of the short ones finished and both long streams run."""
     victim = "replica-1"
     pid = replica_pid(victim)
     finished = 0
@@ -166,6 +188,14 @@ async def kill_phase(url: str, adapters: list[str], rng: random.Random, n: int) 
     for job in jobs:
         queue.put_nowait(job)
     async with httpx.AsyncClient(base_url=url, timeout=120.0) as client:
+        # one long stream on each replica: two adapters that live on different replicas
+        listed = (await client.get("/v1/adapters")).json()["data"]
+        home = {e["replica"]: e["id"] for e in listed if e["tier"] in HIT_TIERS}
+        long_started = [asyncio.Event() for _ in home]
+        long_streams = [
+            asyncio.ensure_future(long_stream(client, model, started))
+            for model, started in zip(home.values(), long_started, strict=True)
+        ]
 
         async def worker() -> None:
             nonlocal finished, killed_at, first_ok_after_kill
@@ -186,10 +216,12 @@ async def kill_phase(url: str, adapters: list[str], rng: random.Random, n: int) 
                 ):
                     first_ok_after_kill = time.monotonic() - killed_at
                 if killed_at is None and finished >= len(jobs) // 4:
+                    await asyncio.gather(*(e.wait() for e in long_started))
                     killed_at = time.monotonic()
                     os.kill(pid, signal.SIGKILL)
 
         await asyncio.gather(*(worker() for _ in range(6)))
+        long_results = await asyncio.gather(*long_streams)
         back_after = None
         assert killed_at is not None
         while time.monotonic() - killed_at < 180:
@@ -203,9 +235,10 @@ async def kill_phase(url: str, adapters: list[str], rng: random.Random, n: int) 
         "non_streamed": len(plain),
         "non_streamed_ok": sum(1 for r in plain if r.get("status") == 200),
         "non_streamed_lost": sum(1 for r in plain if r.get("status") != 200),
-        "streamed": len(streams),
-        "streams_done": sum(1 for r in streams if r.get("done")),
-        "streams_ended_with_error_event": sum(1 for r in streams if r.get("error_event")),
+        "short_streams": len(streams),
+        "short_streams_done": sum(1 for r in streams if r.get("done")),
+        "short_streams_ended_with_error_event": sum(1 for r in streams if r.get("error_event")),
+        "long_streams_in_flight_at_kill": long_results,
         "first_new_request_ok_after_kill_s": None
         if first_ok_after_kill is None
         else round(first_ok_after_kill, 2),
@@ -274,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--gpu-tier", type=int, default=2)
-    parser.add_argument("--cpu-tier", type=int, default=2)
+    parser.add_argument("--cpu-tier", type=int, default=4)
     parser.add_argument("--kill-requests", type=int, default=48)
     parser.add_argument("--seed", type=int, default=16)
     parser.add_argument("--machine", default="AMD EPYC, 2 cores, AVX512-BF16, no GPU")

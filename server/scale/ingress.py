@@ -89,9 +89,9 @@ class Ingress:
         asked_at = self.router.now()
         try:
             state = await asyncio.wait_for(self.replicas.state(replica_id), POLL_TIMEOUT_S)
-        except (ReplicaFailedError, TimeoutError) as exc:
+        except Exception as exc:  # whatever Ray raises for a replica it cannot reach: route around it
             if self.router.replicas[replica_id].healthy:
-                log.warning("replica %s is not answering: %s", replica_id, exc)
+                log.warning("replica %s is not answering: %r", replica_id, exc)
             self.router.mark_down(replica_id)
             self.states.pop(replica_id, None)
             return
@@ -269,7 +269,8 @@ def create_ingress_app(settings: Settings, scale: ScaleSettings, replicas: Repli
     router = AffinityRouter(
         replicas.replica_ids,
         slots_per_replica=settings.max_num_seqs,
-        adapters_per_replica=settings.max_gpu_adapters + settings.max_cpu_adapters,
+        # the store's CPU tier also keeps the state dicts of GPU-resident adapters
+        adapters_per_replica=max(settings.max_gpu_adapters, settings.max_cpu_adapters),
         policy=RoutingPolicy(scale.routing),
     )
     ingress = Ingress(replicas, router, metrics)
