@@ -1,12 +1,12 @@
 """Render the README's generated tables: every ``loraserve serve`` flag (from the CLI parser and
-``Settings``) and every metric (from ``server.metrics.Metrics``).
+``Settings``), the flags ``serve-ray`` adds (``ScaleSettings``), and every metric (``server.metrics``).
 
     python scripts/gen_flags.py            # print both tables
     python scripts/gen_flags.py --write    # replace them between their markers in README.md
     python scripts/gen_flags.py --check    # exit 1 when README.md is stale
 
-The tables sit between ``<!-- flags:begin -->`` / ``<!-- flags:end -->`` and ``<!-- metrics:begin -->`` /
-``<!-- metrics:end -->`` in README.md.
+The tables sit between ``<!-- flags:begin -->`` / ``<!-- flags:end -->``, ``<!-- ray-flags:begin -->`` /
+``<!-- ray-flags:end -->`` and ``<!-- metrics:begin -->`` / ``<!-- metrics:end -->`` in README.md.
 """
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-FLAGS, METRICS = "flags", "metrics"
+FLAGS, RAY_FLAGS, METRICS = "flags", "ray-flags", "metrics"
 
 
-def _serve_parser() -> argparse.ArgumentParser:
+def _serve_parser(command: str = "serve") -> argparse.ArgumentParser:
     sys.path.insert(0, str(ROOT))
     from server.cli import build_parser
 
     parser = build_parser()
     for action in parser._actions:  # argparse keeps sub-parsers here and nowhere public
         if isinstance(action, argparse._SubParsersAction):
-            serve: argparse.ArgumentParser = action.choices["serve"]
+            serve: argparse.ArgumentParser = action.choices[command]
             return serve
-    raise RuntimeError("loraserve has no 'serve' command")
+    raise RuntimeError(f"loraserve has no {command!r} command")
 
 
 def _default(value: Any) -> str:
@@ -41,15 +41,17 @@ def _default(value: Any) -> str:
     return f"`{value}`"
 
 
-def render_table() -> str:
-    """One row per ``serve`` flag: flag, default, environment variable, meaning (choices included)."""
-    from server.config import Settings
+def render_table(command: str = "serve") -> str:
+    """One row per flag of ``command``'s own settings (``serve``: ``Settings``; ``serve-ray``: the
+    ``ScaleSettings`` it adds to them): flag, default, environment variable, meaning (choices included)."""
+    from server.config import ScaleSettings, Settings
 
+    model = ScaleSettings if command == "serve-ray" else Settings
     rows = ["| flag | default | env | meaning |", "|---|---|---|---|"]
-    for action in _serve_parser()._actions:
-        if action.dest not in Settings.model_fields:
+    for action in _serve_parser(command)._actions:
+        if action.dest not in model.model_fields:
             continue
-        field = Settings.model_fields[action.dest]
+        field = model.model_fields[action.dest]
         flags = [s for s in action.option_strings if s.startswith("--")]
         flag = " / ".join(f"`{f}`" for f in flags)
         meaning = field.description or ""
@@ -66,10 +68,11 @@ def render_metrics() -> str:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics import MetricWrapperBase
 
-    from server.metrics import Metrics
+    from server.metrics import IngressMetrics, Metrics
 
     rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
-    for metric in vars(Metrics(CollectorRegistry())).values():
+    every = [*vars(Metrics(CollectorRegistry())).values(), *vars(IngressMetrics()).values()]
+    for metric in every:
         if not isinstance(metric, MetricWrapperBase):
             continue
         kind = metric._type  # prometheus_client keeps name, type and labels only as these attributes
@@ -93,7 +96,9 @@ def splice(readme: str, section: str, table: str) -> str:
 
 def render_readme(readme: str) -> str:
     """``readme`` with both generated tables brought up to date."""
-    return splice(splice(readme, FLAGS, render_table()), METRICS, render_metrics())
+    readme = splice(readme, FLAGS, render_table())
+    readme = splice(readme, RAY_FLAGS, render_table("serve-ray"))
+    return splice(readme, METRICS, render_metrics())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--check", action="store_true", help="exit 1 when README.md is stale")
     args = parser.parse_args(argv)
     if not (args.write or args.check):
-        print(render_table(), render_metrics(), sep="\n\n")
+        print(render_table(), render_table("serve-ray"), render_metrics(), sep="\n\n")
         return 0
     current = README.read_text()
     wanted = render_readme(current)

@@ -1,4 +1,4 @@
-"""``loraserve`` command line: ``serve`` (default) and ``build-demo``.
+"""``loraserve`` command line: ``serve`` (default), ``serve-ray`` and ``build-demo``.
 
 Flags come from ``Settings`` field by field, so ``--help``, the environment (``LORASERVE_*``) and the README
 table can never disagree.
@@ -19,8 +19,9 @@ from typing import Any, get_args, get_origin
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 
-from server.config import Settings
+from server.config import ScaleSettings, Settings
 from server.engine.engine import AsyncEngine
 
 log = logging.getLogger("loraserve")
@@ -79,9 +80,9 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per ``Settings`` field; unset flags fall back to the environment, then the default."""
-    for name, field in Settings.model_fields.items():
+def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseSettings] = Settings) -> None:
+    """One flag per field of ``model``; unset flags fall back to the environment, then the default."""
+    for name, field in model.model_fields.items():
         annotation = field.annotation
         default = field.default
         help_text = f"{field.description} (default: {default}; env LORASERVE_{name.upper()})"
@@ -103,11 +104,23 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
+def scale_settings_from_args(args: argparse.Namespace) -> ScaleSettings:
+    given = {k: v for k, v in vars(args).items() if k in ScaleSettings.model_fields and v is not None}
+    return ScaleSettings(**given)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraserve", description="Multi-tenant LoRA inference server")
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="serve the OpenAI API (default: the embedded demo bundle)")
     add_settings_arguments(serve)
+    serve_ray = sub.add_parser(
+        "serve-ray",
+        help="serve the same API from N engine replicas on Ray Serve, routed by adapter affinity "
+        "(needs the [ray] extra)",
+    )
+    add_settings_arguments(serve_ray, ScaleSettings)
+    add_settings_arguments(serve_ray)
     demo = sub.add_parser("build-demo", help="build the embedded demo bundle into DIR")
     demo.add_argument("dir", type=Path)
     return parser
@@ -187,12 +200,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         settings = settings_from_args(args)
+        scale = scale_settings_from_args(args) if args.command == "serve-ray" else None
     except ValidationError as exc:
         parser.error(str(exc))
     configure_logging(settings)
     from server.runtime.loader import ModelLoadError
 
     try:
+        if scale is not None:
+            try:
+                import ray.serve  # noqa: F401
+
+                from server.scale.launch import serve_ray
+            except ImportError as exc:
+                parser.error(f"serve-ray needs Ray Serve: pip install 'loraserve[ray]' ({exc})")
+            return serve_ray(settings, scale)
         return serve(settings)
     except ModelLoadError as exc:  # a base this server cannot serve: say why, no traceback
         print(f"loraserve: error: {exc}", file=sys.stderr)

@@ -73,3 +73,20 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(30.0, ge=0.0, description="seconds to let requests finish on SIGTERM")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_json: bool = Field(False, description="one JSON object per log line")
+
+
+class ScaleSettings(BaseSettings):
+    """``loraserve serve-ray``: how many engine replicas, what each reserves, where Ray runs, and how the
+    ingress picks a replica. The engine flags (``Settings``) apply to every replica."""
+
+    model_config = SettingsConfigDict(env_prefix="LORASERVE_", extra="forbid", protected_namespaces=())
+
+    replicas: int = Field(2, ge=1, le=256, description="engine replicas (each one base model and its store)")
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs Ray reserves per replica (fractions allowed)")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs Ray reserves per replica (fractions allowed)")
+    ray_address: str | None = Field(
+        None, description="an existing Ray cluster (e.g. auto, or host:6379); unset starts a local one"
+    )
+    routing: Literal["affinity", "round_robin"] = Field(
+        "affinity", description="send an adapter's requests where it is resident, or rotate (a baseline)"
+    )

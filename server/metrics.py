@@ -589,3 +589,29 @@ class Metrics:
 
     def on_snapshot_active(self, adapter: str, active: bool) -> None:
         self.snapshot_active.labels(adapter=self.adapter_label(adapter)).set(1 if active else 0)
+
+
+class IngressMetrics:
+    """The ``loraserve serve-ray`` ingress's own metrics (its ``/metrics`` adds every replica's
+    ``Metrics``, labelled ``replica``), on a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.routed_total = Counter(
+            "loraserve_ingress_routed",
+            "Requests forwarded to a replica, by why it was chosen (resident, least_loaded, round_robin)",
+            ["replica", "reason"],
+            registry=self.registry,
+        )
+        self.retries_total = Counter(
+            "loraserve_ingress_retries",
+            "Requests retried on another replica after this one failed",
+            ["replica"],
+            registry=self.registry,
+        )
+        self.replica_failures_total = Counter(
+            "loraserve_ingress_replica_failures",
+            "Calls to a replica that failed in transport (the replica died or was lost)",
+            ["replica"],
+            registry=self.registry,
+        )

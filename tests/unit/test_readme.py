@@ -31,10 +31,17 @@ def _section(text: str, heading: str) -> str:
     return match.group(1)
 
 
-@pytest.mark.parametrize(("section", "render"), [("flags", "render_table"), ("metrics", "render_metrics")])
-def test_generated_table_is_current(section: str, render: str) -> None:
+@pytest.mark.parametrize(
+    ("section", "render", "args"),
+    [
+        ("flags", "render_table", ()),
+        ("ray-flags", "render_table", ("serve-ray",)),
+        ("metrics", "render_metrics", ()),
+    ],
+)
+def test_generated_table_is_current(section: str, render: str, args: tuple[str, ...]) -> None:
     readme = README.read_text()
-    table = getattr(gen_flags, render)()
+    table = getattr(gen_flags, render)(*args)
     assert gen_flags.splice(readme, section, table) == readme, (
         f"the README's {section} table is stale: run python scripts/gen_flags.py --write"
     )
