@@ -89,8 +89,8 @@ def test_a_router_needs_replicas() -> None:
 
 def test_merged_exposition_labels_each_replica_and_types_each_family_once() -> None:
     replica = Metrics(CollectorRegistry())
-    replica.prompt_tokens_total.labels(model_name="base").inc(3)
-    replica.num_requests_running.labels(model_name="base").set(2)
+    replica.prompt_tokens_total.labels(model_name="base", engine="0").inc(3)
+    replica.num_requests_running.labels(model_name="base", engine="0").set(2)
     own = IngressMetrics()
     own.routed_total.labels(replica="replica-0", reason="resident").inc()
     text = generate_latest(replica.registry).decode()
