@@ -14,15 +14,16 @@ from tests.integration.api_server import ServerProcess, assert_error, metric_val
 
 pytestmark = pytest.mark.slow
 
-# Long enough that nothing finishes on its own during a test; aborted or left to the queue test's end.
-LONG = {"prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+# Long enough that nothing finishes on its own during a test (2,000 tokens: seconds even on a fast core);
+# aborted, or left to the queue test's end.
+LONG = {"prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     process = start_server(
         tmp_path_factory.mktemp("backpressure"),
-        ["--max-num-seqs", "1", "--max-queue", "1", "--max-model-len", "256"],
+        ["--max-num-seqs", "1", "--max-queue", "1", "--max-model-len", "2048"],
     )
     yield process
     assert process.terminate() == 0, process.log_tail()
