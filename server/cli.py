@@ -34,6 +34,12 @@ _RECORD_FIELDS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) |
 }
 
 
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The ``extra`` fields of a log call. Underscored attributes are other libraries' bookkeeping (Ray's
+    record factory adds ``_ray_timestamp_ns`` to every record once it is imported), not ours."""
+    return {k: v for k, v in record.__dict__.items() if k not in _RECORD_FIELDS and not k.startswith("_")}
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, with the ``extra`` fields of the call (request id, tenant, ...)."""
 
@@ -44,7 +50,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update({k: v for k, v in record.__dict__.items() if k not in _RECORD_FIELDS})
+        entry.update(extra_fields(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -56,7 +62,7 @@ class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         message = record.getMessage()
-        pairs = [f"{k}={v}" for k, v in record.__dict__.items() if k not in _RECORD_FIELDS]
+        pairs = [f"{k}={v}" for k, v in extra_fields(record).items()]
         pairs = [p for p in pairs if p not in message]  # a message may already spell its fields out
         return " ".join([line, *pairs])
 
