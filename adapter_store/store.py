@@ -70,6 +70,25 @@ class GpuTierListener(Protocol):
     def on_peft_change(self, peft_model: torch.nn.Module | None) -> None: ...
 
 
+class ServingStore(Protocol):
+    """What the runtime's ``ModelRunner`` needs of an adapter store (``AdapterStore`` implements it): the
+    registry to answer which adapters exist, leases, the model to run, and the GPU tier listener hook."""
+
+    registry: AdapterRegistry
+
+    @property
+    def model(self) -> torch.nn.Module: ...
+
+    @property
+    def max_gpu_adapters(self) -> int: ...
+
+    def acquire(self, name: str) -> Lease | None: ...
+    def release(self, lease: Lease) -> None: ...
+    def sync(self) -> None: ...
+    def set_wakeup(self, wake: Callable[[], None]) -> None: ...
+    def set_gpu_listener(self, listener: GpuTierListener | None) -> None: ...
+
+
 def _no_wakeup() -> None:
     pass
 
@@ -90,13 +109,19 @@ class _NullObserver:
 
 @dataclass(slots=True)
 class Lease:
-    """Pins one adapter version while a sequence uses it. Rows of a lease with ``snapshot`` run on that
-    merged model; the others run on ``AdapterStore.model`` with ``adapter_names=[peft_name, ...]``."""
+    """Pins one adapter version while a sequence uses it (``server.engine.types.AdapterLease``). Rows of a
+    lease with ``snapshot`` run on that merged model; the others run on ``AdapterStore.model`` with
+    ``adapter_names=[version, ...]``. ``version`` (``name@digest[:12]``) is the version's one name: the
+    store's key, PEFT's adapter name and the LoRA slot key."""
 
     adapter: str
-    peft_name: str
+    version: str
     digest: str
     snapshot: torch.nn.Module | None = None
+
+    @property
+    def on_snapshot(self) -> bool:
+        return self.snapshot is not None
 
 
 @dataclass(slots=True)
@@ -215,7 +240,7 @@ class AdapterStore:
             listener.on_gpu_enter(key, self._prepared(listener, loaded))
 
     def materialize(self, key: str) -> PeftModelForCausalLM:
-        """Put GPU-tier adapter version ``key`` (a ``Lease.peft_name``) into the PeftModel if only the GPU
+        """Put GPU-tier adapter version ``key`` (a ``Lease.version``) into the PeftModel if only the GPU
         tier listener holds it, so PEFT's own forward can run it (the reference path); returns the PeftModel.
         Engine thread; reads the adapter again if the CPU tier holds no PEFT copy of it. KeyError: not on the
         GPU tier; AdapterLoadError: its files are gone or changed, or PEFT refuses it."""
@@ -257,7 +282,7 @@ class AdapterStore:
             if lease.snapshot is not None:
                 self.snapshots.release(lease.adapter, lease.snapshot)
                 return
-            entry = self._gpu.get(lease.peft_name)
+            entry = self._gpu.get(lease.version)
             if entry is None:
                 return
             entry.pins -= 1

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             ref_store = AdapterStore(_fresh(model, loader), registry, max_gpu_adapters=1, max_cpu_adapters=1)
             lease = wait_lease(ref_store, name)
             prompts = [[1, *range(10 + 7 * i, 30 + 7 * i)] for i in range(args.prompts)]
-            drift = measure_drift(ref_store.model, lease.peft_name, merged, prompts, new_tokens=16)
+            drift = measure_drift(ref_store.model, lease.version, merged, prompts, new_tokens=16)
             ref_store.close()
             per_adapter[name] |= {
                 "snapshot_build_s": build_s,

@@ -98,14 +98,16 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
         cuda_graphs=settings.cuda_graphs,
         max_lora_rank=settings.max_lora_rank,
         logprobs_mode=settings.logprobs_mode,
+        kv_cache_memory=settings.kv_cache_memory,
     )
     if metrics is not None:
         metrics.set_cache_config(
             CacheConfig(
-                block_size=runner.max_model_len,
-                num_blocks=runner.num_slots,
+                block_size=runner.kv.block_size,
+                num_blocks=runner.kv.num_blocks,
                 cache_dtype=str(runner.dtype).removeprefix("torch."),
                 kv_cache_memory_bytes=runner.kv.nbytes,
+                enable_prefix_caching=settings.prefix_caching,
             )
         )
         metrics.set_max_gpu_lora_adapters(model_id, store.max_gpu_adapters)
@@ -117,6 +119,7 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
             max_num_batched_tokens=settings.max_num_batched_tokens,
             max_loras_per_batch=settings.max_loras_per_batch,
             max_queue=settings.max_queue,
+            enable_prefix_caching=settings.prefix_caching,
         ),
         metrics,
     )

@@ -32,9 +32,20 @@ class Settings(BaseSettings):
     allow_hub: bool = Field(False, description="allow hub ids for the base model and adapters")
 
     # ---- engine
-    max_num_seqs: int = Field(32, ge=1, le=1024, description="sequences decoded together (KV slots)")
+    max_num_seqs: int = Field(32, ge=1, le=1024, description="sequences running at once")
     max_model_len: int = Field(2048, ge=16, description="context length: prompt plus output tokens")
-    max_num_batched_tokens: int = Field(4096, ge=16, description="prompt tokens per prefill step")
+    max_num_batched_tokens: int = Field(
+        512, ge=16, description="tokens per step: decode rows first, then prompt chunks (chunked prefill)"
+    )
+    kv_cache_memory: int | None = Field(
+        None,
+        ge=1,
+        description="bytes of paged KV memory (default: 80% of free CUDA memory; on the CPU, "
+        "max-num-seqs whole contexts)",
+    )
+    prefix_caching: bool = Field(
+        True, description="share the KV of full prompt blocks between requests of the same adapter version"
+    )
     max_loras_per_batch: int = Field(8, ge=1, description="distinct adapters in one step")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs (CUDA only)")

@@ -107,9 +107,9 @@ class FinishedRequest:
 
 @dataclass(slots=True, frozen=True)
 class CacheConfig:
-    """The KV memory's geometry as ``vllm:cache_config_info`` reports it. One "block" here is one KV slot:
-    the static KV holds ``num_blocks`` slots of ``block_size`` (= the context length) tokens each, so
-    ``num_blocks * block_size`` is the KV capacity in tokens, as routers compute it."""
+    """The KV memory's geometry as ``vllm:cache_config_info`` reports it: ``num_blocks`` paged blocks of
+    ``block_size`` tokens each, so ``num_blocks * block_size`` is the KV capacity in tokens, as routers
+    compute it."""
 
     LABELS: ClassVar[tuple[str, ...]] = (
         *("block_size", "cache_dtype", "enable_prefix_caching", "engine", "kv_cache_memory_bytes"),
@@ -120,12 +120,13 @@ class CacheConfig:
     num_blocks: int
     cache_dtype: str
     kv_cache_memory_bytes: int
+    enable_prefix_caching: bool = False
 
     def labels(self) -> dict[str, str]:
         return {
             "block_size": str(self.block_size),
             "cache_dtype": self.cache_dtype,
-            "enable_prefix_caching": "False",
+            "enable_prefix_caching": str(self.enable_prefix_caching),
             "engine": ENGINE,
             "kv_cache_memory_bytes": str(self.kv_cache_memory_bytes),
             "kv_cache_size_tokens": str(self.block_size * self.num_blocks),
@@ -253,14 +254,15 @@ class Metrics:
         )
         self.kv_cache_usage_perc = gauge(
             "vllm:kv_cache_usage_perc",
-            "KV-cache usage. 1 means 100 percent usage: the fraction of KV slots held by running requests.",
+            "KV-cache usage. 1 means 100 percent usage: the fraction of KV blocks held by running requests "
+            "(free blocks still holding a cached prefix count as free).",
             m,
         )
         self.cache_config_info = gauge(
             "vllm:cache_config_info",
-            "Information of the LLMEngine CacheConfig (value 1). One block is one static KV slot: "
-            "block_size = the context length (--max-model-len) in tokens, num_gpu_blocks = the KV slots "
-            "(--max-num-seqs), kv_cache_size_tokens = their product; no prefix caching, no CPU blocks.",
+            "Information of the LLMEngine CacheConfig (value 1): the paged KV memory's block_size in tokens, "
+            "num_gpu_blocks, kv_cache_size_tokens = their product, whether prefix caching is on; no CPU "
+            "blocks.",
             [*CacheConfig.LABELS],
         )
         self.lora_requests_info = Gauge(
@@ -283,19 +285,19 @@ class Metrics:
         # ---- vLLM: engine counters (prefix cache, preemption: engine v2, issue 13)
         self.prefix_cache_queries_total = counter(
             "vllm:prefix_cache_queries",
-            "Prefix cache queries, in terms of number of queried tokens. Always 0: loraserve has no prefix "
-            "cache yet (engine v2).",
+            "Prefix cache queries, in terms of number of queried tokens (prompt tokens looked up at "
+            "admission).",
             m,
         )
         self.prefix_cache_hits_total = counter(
             "vllm:prefix_cache_hits",
-            "Prefix cache hits, in terms of number of cached tokens. Always 0: no prefix cache yet.",
+            "Prefix cache hits, in terms of number of cached tokens.",
             m,
         )
         self.num_preemptions_total = counter(
             "vllm:num_preemptions",
-            "Cumulative number of preemption from the engine. Always 0: a running request keeps its KV "
-            "slot until it finishes (no preemption before engine v2).",
+            "Cumulative number of preemption from the engine (a running request's KV blocks were freed for "
+            "others; it recomputes them when readmitted).",
             m,
         )
         self.admission_rejections_total = counter(
@@ -509,6 +511,16 @@ class Metrics:
     def on_next_token(self, model_name: str, itl_s: float) -> None:
         self.inter_token_latency_seconds.labels(model_name, ENGINE).observe(itl_s)
         self.generation_tokens_total.labels(model_name, ENGINE).inc()
+
+    def on_engine_counters(self, model_name: str, queries: int, hits: int, preemptions: int) -> None:
+        """Prefix-cache tokens queried and hit, and preemptions, since the last report."""
+        labels = (model_name, ENGINE)
+        if queries:
+            self.prefix_cache_queries_total.labels(*labels).inc(queries)
+        if hits:
+            self.prefix_cache_hits_total.labels(*labels).inc(hits)
+        if preemptions:
+            self.num_preemptions_total.labels(*labels).inc(preemptions)
 
     def on_step(self, model_name: str, num_tokens: int) -> None:
         """One engine step ran: ``num_tokens`` = prompt tokens prefilled plus tokens sampled."""

@@ -109,15 +109,18 @@ class BlockManager:
 
     # ------------------------------------------------------------------------------------ changes
 
-    def allocate(self, seq_id: str, token_ids: list[int], digest: str, num_new_tokens: int) -> int:
+    def allocate(
+        self, seq_id: str, token_ids: list[int], digest: str, num_new_tokens: int, *, lookup: bool = True
+    ) -> int:
         """Give a new sequence its block table: the longest cached prefix of ``token_ids`` (full blocks,
         always leaving at least one token to compute, so the step has a logit to sample from), plus fresh
         blocks for the next ``num_new_tokens`` tokens after it (fewer if the prompt ends first). Returns
-        the number of cached tokens. ``NoFreeBlocksError`` (and nothing held) if the pool is short."""
+        the number of cached tokens. ``NoFreeBlocksError`` (and nothing held) if the pool is short.
+        ``lookup=False``: compute every token (its blocks are still hashed for others once computed)."""
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id} already has blocks")
         table = _Table(digest)
-        hits = self._lookup(token_ids, digest) if self.enable_prefix_caching else []
+        hits = self._lookup(token_ids, digest) if self.enable_prefix_caching and lookup else []
         cached = len(hits) * self.block_size
         num_new = min(num_new_tokens, len(token_ids) - cached)
         fresh = self.blocks_for(cached + num_new) - len(hits)
@@ -125,7 +128,7 @@ class BlockManager:
         reclaimed = sum(1 for b in hits if self._blocks[b].ref_count == 0)
         if fresh + reclaimed > self.num_free_blocks:
             raise NoFreeBlocksError(f"{fresh + reclaimed} blocks needed, {self.num_free_blocks} free")
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and lookup:
             self.stats.queries += len(token_ids)
             self.stats.hits += cached
         for block_id in hits:

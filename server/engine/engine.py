@@ -56,12 +56,13 @@ IDLE_WAIT_S = 0.05  # how long the loop sleeps with nothing to run before housek
 
 @dataclass(slots=True, frozen=True)
 class EngineConfig:
-    max_num_batched_tokens: int = 4096
+    max_num_batched_tokens: int = 512  # tokens per step: decode rows first, then prompt chunks
     max_loras_per_batch: int = 8
     max_queue: int = 256
     # With nothing to run (no work, or every waiting sequence blocked on an adapter load) the loop waits
     # this long, or until a submit, an abort or a finished load wakes it, before it looks again.
     idle_wait_s: float = IDLE_WAIT_S
+    enable_prefix_caching: bool = True
 
 
 @dataclass(slots=True)
@@ -130,7 +131,7 @@ class _Track:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[TokenEvent]
     label: str
-    prefill_computed: int = 0  # prompt tokens its prefill computed (all of them: no prefix cache yet)
+    prefill_computed: int = 0  # prompt tokens its prefill computed (the rest came from the prefix cache)
 
 
 class AsyncEngine:
@@ -143,6 +144,7 @@ class AsyncEngine:
         self.metrics = metrics
         self.model_id = runner.model_id
         self.max_model_len = runner.max_model_len
+        kv = runner.kv_blocks
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_slots=runner.num_slots,
@@ -150,6 +152,10 @@ class AsyncEngine:
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_loras_per_batch=config.max_loras_per_batch,
                 max_queue=config.max_queue,
+                num_blocks=kv.num_blocks,
+                block_size=kv.block_size,
+                enable_prefix_caching=config.enable_prefix_caching,
+                base_digest=kv.base_digest,
             ),
             acquire=self._acquire,
             release=runner.release_adapter,
@@ -165,6 +171,7 @@ class AsyncEngine:
         self._draining = False
         self._woken = False  # guarded by _cv: wake() was called since the loop last looked
         self._rng = random.SystemRandom()
+        self._reported = (0, 0, 0)  # prefix cache queries, hits, preemptions already counted
         if metrics is not None:
             metrics.seed(self.model_id)
         # Templating and tokenization of new requests run here, off the event loop; one thread, since a
@@ -449,7 +456,7 @@ class AsyncEngine:
         for seq, exc in result.failed:
             self._finish(seq, FinishReason.ERROR, error=exc)
         batch = result.batch
-        progressed = bool(result.failed or aborts)
+        progressed = bool(result.failed or aborts or result.preempted)
         if batch is not None:
             progressed = True
             try:
@@ -499,17 +506,22 @@ class AsyncEngine:
         eos = self.runner.tokenizer.eos_token_ids
         m = self.metrics
         if m is not None:  # before any event goes out: a client that has its answer finds it counted
-            prefilled = sum(s.num_tokens - s.num_cached for s in batch.seqs) if batch.kind == "prefill" else 0
-            m.on_step(self.model_id, prefilled + len(batch.seqs))
-        for i, (seq, token) in enumerate(zip(batch.seqs, output.token_ids, strict=True)):
+            m.on_step(self.model_id, batch.num_tokens)
+        sampled = iter(range(len(output.token_ids)))  # StepOutput rows: the batch's sampling rows
+        for i, seq in enumerate(batch.seqs):
+            prefill = batch.is_prefill(i)
+            seq.num_cached += batch.num_new_tokens[i]
+            if not batch.samples(i):  # a prompt chunk short of the end: nothing to say yet
+                continue
+            k = next(sampled)
+            token = output.token_ids[k]
             track = self._tracks[seq.request_id]
-            computed = seq.num_tokens - seq.num_cached
-            prompt_logprobs = self._prompt_logprobs(output, i) if batch.kind == "prefill" else None
+            computed = seq.num_prompt_tokens - seq.num_prefix_cached
+            first_event = seq.num_output_tokens == 0
+            prompt_logprobs = self._prompt_logprobs(output, i) if prefill and first_event else None
             if seq.sampling.max_tokens == 0:  # a prefill for prompt logprobs (echo) only: no output token
-                seq.num_cached = seq.num_tokens
                 self._finish(seq, FinishReason.LENGTH, prompt_logprobs=prompt_logprobs)
                 continue
-            seq.num_cached = seq.num_tokens
             seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -523,7 +535,7 @@ class AsyncEngine:
                 self._finish(seq, FinishReason.ABORT)
                 continue
             sampling = seq.sampling
-            logprobs = self._token_logprobs(output, i)
+            logprobs = self._token_logprobs(output, k)
             if (token in eos and not sampling.ignore_eos) or token in sampling.stop_token_ids:
                 text = track.detok.add(token) if sampling.include_stop_str_in_output else ""
                 self._finish(
@@ -565,6 +577,7 @@ class AsyncEngine:
                         seq.num_output_tokens,
                         logprobs=logprobs,
                         prompt_logprobs=prompt_logprobs,
+                        cached_tokens=seq.num_prefix_cached,
                     ),
                 )
 
@@ -643,6 +656,7 @@ class AsyncEngine:
             error=error,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            cached_tokens=seq.num_prefix_cached,
         )
 
     def _record_finish(
@@ -666,7 +680,7 @@ class AsyncEngine:
         )
         if self.metrics is None:
             return
-        # Sequence -> FinishedRequest (n is 1 and nothing is preempted in this engine)
+        # Sequence -> FinishedRequest (n is 1)
         self.metrics.on_finished(
             FinishedRequest(
                 model_name=track.label,
@@ -684,6 +698,7 @@ class AsyncEngine:
                     else seq.sampling.max_tokens
                 ),  # omitted: up to the rest of the context
                 prefill_computed_tokens=track.prefill_computed,
+                num_preemptions=seq.num_preemptions,
             )
         )
 
@@ -707,12 +722,18 @@ class AsyncEngine:
         if self.metrics is None:
             return
         scheduler = self.scheduler
-        used = self.runner.num_slots - scheduler.num_free_slots
+        stats = scheduler.prefix_cache_stats
+        totals = (stats.queries, stats.hits, scheduler.num_preemptions)
+        queries, hits, preemptions = (
+            now - before for now, before in zip(totals, self._reported, strict=True)
+        )
+        self._reported = totals
+        self.metrics.on_engine_counters(self.model_id, queries, hits, preemptions)
         state = SchedulerState(
             running=len(scheduler.running),
             waiting=len(scheduler.waiting),
             waiting_deferred=scheduler.num_deferred,
-            kv_cache_usage=used / self.runner.num_slots,
+            kv_cache_usage=scheduler.kv_cache_usage,
             max_lora=self.config.max_loras_per_batch,
             running_adapters=frozenset(scheduler.running_adapters()),
             waiting_adapters=frozenset(scheduler.waiting_adapters()),

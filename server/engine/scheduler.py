@@ -1,14 +1,23 @@
 """Waiting and running queues, admission, and the choice of the next step. Torch-free.
 
-Admission takes a waiting sequence into a free KV slot when all hold: a slot is free, the step's prompt
-tokens stay under ``max_num_batched_tokens``, the running set keeps at most ``max_loras_per_batch``
-distinct adapters, and the adapter is resident (``acquire`` returned a lease). A sequence whose adapter is
-still loading is skipped, not rejected, and keeps its place. Among admissible sequences, the tenant with
-the fewest running sequences goes first, then arrival order, so one tenant's burst cannot take every slot.
+Every step shares one token budget (``max_num_batched_tokens``) between decode rows and prompt chunks,
+decode rows first: each running sequence past its prompt computes one token, then sequences still in
+their prompt continue with a chunk, then waiting sequences are admitted with a first chunk while budget,
+slots and KV blocks last. So a long prompt never holds running streams up for more than one budgeted step.
+
+KV memory is paged (``BlockManager``): admission takes the longest cached prefix of the prompt (full
+blocks under the same adapter version) and blocks for its first chunk; a decode row that needs a new block
+when none is free preempts the newest running sequence (its blocks are freed, it waits at the head of the
+queue and recomputes its tokens when readmitted, keeping its slot and adapter lease).
+
+Admission also needs a free slot (per-sequence sampling state, ``max_num_seqs``), at most
+``max_loras_per_batch`` distinct adapters among the running, and a resident adapter (``acquire`` returned
+a lease). A sequence whose adapter is still loading is skipped, not rejected, and keeps its place. Among
+admissible sequences the tenant with the fewest running sequences goes first, then arrival order.
 
 Why a sequence waits (``num_deferred``, vLLM's waiting reasons): the last admission pass *deferred* it for a
 transient constraint (its adapter still loading, or the step's distinct-adapter budget full); every other
-waiting sequence waits for *capacity* (a free KV slot, or room in the step's token budget).
+waiting sequence waits for *capacity* (a slot, KV blocks, or room in the step's token budget).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from server.engine.block_manager import BlockManager, NoFreeBlocksError, PrefixCacheStats
 from server.engine.types import (
     AdapterLease,
     Batch,
@@ -30,6 +40,8 @@ from server.engine.types import (
 AcquireFn = Callable[[str], AdapterLease | None]
 ReleaseFn = Callable[[AdapterLease], None]
 
+BASE_DIGEST = "base"
+
 
 @dataclass(slots=True, frozen=True)
 class SchedulerConfig:
@@ -38,6 +50,16 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_loras_per_batch: int
     max_queue: int
+    num_blocks: int = 0  # 0: enough for every slot's whole context (the old static cache's capacity)
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    base_digest: str = BASE_DIGEST  # keys the base model's blocks in the prefix cache
+
+    @property
+    def resolved_num_blocks(self) -> int:
+        if self.num_blocks > 0:
+            return self.num_blocks
+        return self.num_slots * -(-self.max_model_len // self.block_size)
 
 
 @dataclass(slots=True)
@@ -47,22 +69,26 @@ class ScheduleResult:
 
     batch: Batch | None
     failed: list[tuple[Sequence, EngineError]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
 
 
 class Scheduler:
-    """Owns the waiting queue, the running set and the slot table."""
+    """Owns the waiting queue, the running set, the slot table and the KV blocks."""
 
     def __init__(self, config: SchedulerConfig, acquire: AcquireFn, release: ReleaseFn) -> None:
         self.config = config
         self._acquire = acquire
         self._release = release
         self.waiting: list[Sequence] = []
-        self.running: list[Sequence] = []
-        # a min-heap: the lowest free slot first keeps running sequences packed at the low slots, so a
-        # decode step covers slots [0, bucket) as one contiguous view of the KV memory
-        self._free_slots = list(range(config.num_slots))
-        self._last_was_prefill = False
+        self.running: list[Sequence] = []  # admission order: the newest is preempted first
+        self._free_slots = list(range(config.num_slots))  # a min-heap: low slots first (graph buckets)
         self._deferred: set[str] = set()  # request ids the last admission pass deferred
+        self.blocks = BlockManager(
+            config.resolved_num_blocks,
+            config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
+        self.num_preemptions = 0
 
     # ------------------------------------------------------------------------------------ queries
 
@@ -79,11 +105,27 @@ class Scheduler:
         """Waiting sequences the last admission pass deferred for a transient constraint."""
         return sum(1 for s in self.waiting if s.request_id in self._deferred)
 
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.blocks.usage
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return self.blocks.stats
+
     def running_adapters(self) -> set[str]:
         return {s.adapter for s in self.running if s.adapter is not None}
 
     def waiting_adapters(self) -> set[str]:
         return {s.adapter for s in self.waiting if s.adapter is not None}
+
+    def cache_digest(self, seq: Sequence) -> str:
+        """The adapter version that keys ``seq``'s blocks: the lease's digest (a merged snapshot computes
+        other KV than PEFT's forward: its own key), the base's digest for base requests."""
+        lease = seq.lease
+        if lease is None:
+            return self.config.base_digest
+        return f"snapshot:{lease.digest}" if lease.on_snapshot else lease.digest
 
     # ------------------------------------------------------------------------------------ changes
 
@@ -108,13 +150,15 @@ class Scheduler:
         return None
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """Take ``seq`` out for good: free its slot and unpin its adapter."""
+        """Take ``seq`` out for good: free its blocks and slot, unpin its adapter."""
         seq.finish_reason = reason
         seq.status = SequenceStatus.FINISHED
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.blocks.free(seq.request_id)
+        seq.block_table = []
         if seq.slot >= 0:
             heapq.heappush(self._free_slots, seq.slot)
             seq.slot = -1
@@ -125,38 +169,108 @@ class Scheduler:
     # ------------------------------------------------------------------------------------ the step
 
     def schedule(self, now: float) -> ScheduleResult:
-        """Choose the next step. Prefill of newly admitted sequences alternates with decode of the running
-        set, so arrivals start quickly and running sequences are never starved."""
+        """Choose the next step: decode rows, then prompt chunks of running sequences, then admissions,
+        all under one token budget."""
         result = ScheduleResult(batch=None)
-        want_decode = bool(self.running) and self._last_was_prefill
-        if not want_decode:
-            admitted = self._admit(now, result.failed)
-            if admitted:
-                self._last_was_prefill = True
-                result.batch = Batch(kind="prefill", seqs=admitted)
-                return result
-        if self.running:
-            self._last_was_prefill = False
-            result.batch = Batch(kind="decode", seqs=list(self.running))
+        for seq in self.running:  # the last step's tokens have KV now: their full blocks become shareable
+            self.blocks.commit(seq.request_id, seq.token_ids, seq.num_cached)
+        rows: list[Sequence] = []
+        sizes: list[int] = []
+        budget = self.config.max_num_batched_tokens
+        for seq in [s for s in self.running if not s.in_prefill]:
+            if budget <= 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING or not self._make_room(seq, seq.num_tokens, result):
+                continue
+            rows.append(seq)
+            sizes.append(1)
+            budget -= 1
+        for seq in [s for s in self.running if s.in_prefill]:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted by an older sequence's chunk
+            chunk = self._chunk(seq, budget, alone=not rows, result=result)
+            if chunk > 0:
+                rows.append(seq)
+                sizes.append(chunk)
+                budget -= chunk
+        for seq, chunk in self._admit(now, budget, alone=not rows, failed=result.failed):
+            rows.append(seq)
+            sizes.append(chunk)
+        if rows:
+            result.batch = Batch(seqs=rows, num_new_tokens=sizes)
         return result
 
-    def _admit(self, now: float, failed: list[tuple[Sequence, EngineError]]) -> list[Sequence]:
+    def _chunk(self, seq: Sequence, budget: int, *, alone: bool, result: ScheduleResult | None = None) -> int:
+        """Tokens ``seq`` (in its prompt, holding blocks) computes this step: as many as the budget and
+        the free blocks allow. A request for prompt logprobs computes its prompt in one piece. With
+        ``result`` (a running sequence), sequences admitted after it are preempted while blocks are short,
+        so prompts that together overfill the pool cannot stall each other."""
+        remaining = seq.num_tokens - seq.num_cached
+        if seq.sampling.prompt_logprobs is not None:
+            chunk = remaining if (remaining <= budget or alone) else 0
+        else:
+            chunk = min(remaining, budget)
+        if chunk <= 0:
+            return 0
+        bm = self.blocks
+        if result is not None:
+            while not bm.can_grow(seq.request_id, seq.num_cached + chunk) and self.running[-1] is not seq:
+                victim = self.running[-1]
+                self._preempt(victim)
+                result.preempted.append(victim)
+        held = len(seq.block_table) + bm.num_free_blocks
+        chunk = min(chunk, held * bm.block_size - seq.num_cached)
+        if seq.sampling.prompt_logprobs is not None and chunk < remaining:
+            return 0
+        if chunk <= 0:
+            return 0
+        bm.grow(seq.request_id, seq.num_cached + chunk)
+        return chunk
+
+    def _make_room(self, seq: Sequence, num_tokens: int, result: ScheduleResult) -> bool:
+        """Grow ``seq``'s blocks to ``num_tokens``, preempting the newest running sequences while blocks are
+        short. False if ``seq`` itself had to go."""
+        while not self.blocks.can_grow(seq.request_id, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            result.preempted.append(victim)
+            if victim is seq:
+                return False
+        self.blocks.grow(seq.request_id, num_tokens)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute later: free the blocks, keep the slot and the lease, wait at the head of the queue."""
+        self.running.remove(seq)
+        self.blocks.free(seq.request_id)
+        seq.block_table = []
+        seq.num_cached = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.insert(0, seq)
+
+    def _admit(
+        self, now: float, budget: int, *, alone: bool, failed: list[tuple[Sequence, EngineError]]
+    ) -> list[tuple[Sequence, int]]:
         self._deferred = set()
-        if not self.waiting or not self._free_slots:
+        if not self.waiting:
             return []
         per_tenant: dict[str | None, int] = {}
         for s in self.running:
             per_tenant[s.tenant] = per_tenant.get(s.tenant, 0) + 1
-        order = sorted(self.waiting, key=lambda s: (per_tenant.get(s.tenant, 0), s.arrival_time))
+        # preempted sequences first (they hold a slot already), then the fairest
+        order = sorted(
+            self.waiting,
+            key=lambda s: (s.slot < 0, per_tenant.get(s.tenant, 0), s.arrival_time),
+        )
         adapters = self.running_adapters()
-        budget = self.config.max_num_batched_tokens
-        admitted: list[Sequence] = []
+        admitted: list[tuple[Sequence, int]] = []
         for seq in order:
-            if not self._free_slots:
+            if budget <= 0:
                 break
-            prompt = seq.num_tokens - seq.num_cached
-            if admitted and prompt > budget:
-                continue  # a long prompt alone may exceed the budget, never on top of others
+            if seq.slot < 0 and not self._free_slots:
+                continue
             new_adapter = seq.adapter is not None and seq.adapter not in adapters
             if new_adapter and len(adapters) >= self.config.max_loras_per_batch:
                 self._deferred.add(seq.request_id)
@@ -172,13 +286,40 @@ class Scheduler:
                     self._deferred.add(seq.request_id)
                     continue  # still loading: keep its place, try again next step
                 seq.lease = lease
+            chunk = self._allocate(seq, budget, alone=alone and not admitted)
+            if chunk == 0:
+                if self.blocks.has(seq.request_id):
+                    self.blocks.free(seq.request_id)
+                    seq.num_cached = 0
+                break  # no blocks (or no budget) for it: later ones must not overtake it
             if seq.adapter is not None:
                 adapters.add(seq.adapter)
-            budget -= prompt
+            budget -= chunk
             self.waiting.remove(seq)
-            seq.slot = heapq.heappop(self._free_slots)
+            if seq.slot < 0:
+                seq.slot = heapq.heappop(self._free_slots)
             seq.status = SequenceStatus.RUNNING
-            seq.first_scheduled_time = now
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
             self.running.append(seq)
-            admitted.append(seq)
+            admitted.append((seq, chunk))
         return admitted
+
+    def _allocate(self, seq: Sequence, budget: int, *, alone: bool) -> int:
+        """Blocks for a sequence's cached prefix and first chunk; returns the chunk (0: not now)."""
+        bm = self.blocks
+        # prompt logprobs need every prompt position's logits: no cached prefix for such a request
+        wants_all = seq.sampling.prompt_logprobs is not None
+        first = seq.num_preemptions == 0
+        try:
+            cached = bm.allocate(
+                seq.request_id, seq.token_ids, self.cache_digest(seq), 0, lookup=not wants_all
+            )
+        except NoFreeBlocksError:
+            return 0
+        seq.block_table = bm.block_table(seq.request_id)
+        seq.num_cached = cached
+        if first:
+            seq.num_prefix_cached = min(cached, seq.num_prompt_tokens)
+        chunk = self._chunk(seq, budget, alone=alone)
+        return chunk

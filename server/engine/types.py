@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 # ----------------------------------------------------------------------------------------------- errors
 
@@ -299,6 +299,7 @@ class TokenEvent:
     error: EngineError | None = None
     logprobs: tuple[TokenLogprobs, ...] = ()
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (OpenAI's usage field)
 
     @property
     def finished(self) -> bool:
@@ -348,8 +349,11 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """The one state object that travels between scheduler, engine and runner.
 
-    ``token_ids`` holds prompt then output. ``num_cached`` counts tokens whose KV sits in ``slot``;
-    a prefill step computes ``token_ids[num_cached:]``, a decode step the last token.
+    ``token_ids`` holds prompt then output. ``num_cached`` counts tokens whose KV is computed and sits in
+    the blocks of ``block_table`` (the block manager's list: token ``i`` is in block
+    ``block_table[i // block_size]``); a step computes the next ``Batch.num_new_tokens`` of them.
+    ``slot`` is the sequence's row of per-sequence state (sampling), held from admission to the end.
+    ``num_prefix_cached`` counts prompt tokens whose KV came from the prefix cache at admission.
     """
 
     request_id: str
@@ -363,7 +367,10 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int = -1
     num_cached: int = 0
-    lease: Any = None  # the runner's adapter lease (pins the adapter while the sequence lives)
+    lease: AdapterLease | None = None  # pins the adapter version while the sequence lives
+    block_table: list[int] = field(default_factory=list)
+    num_prefix_cached: int = 0
+    num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -392,17 +399,46 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    @property
+    def in_prefill(self) -> bool:
+        """True until every token but the last has KV (the last one is computed by each decode step)."""
+        return self.num_cached < self.num_tokens - 1
+
 
 @dataclass(slots=True)
 class Batch:
-    """What the scheduler hands the runner for one step. A prefill batch computes each sequence's
-    uncached prompt tokens; a decode batch one token per sequence. Every sequence holds a slot."""
+    """What the scheduler hands the runner for one step: row ``i`` computes ``num_new_tokens[i]`` tokens of
+    ``seqs[i]`` from ``seqs[i].num_cached`` on (a decode row one, a prompt chunk many; decode rows first).
+    A row *samples* when its tokens reach the end of the sequence; a prompt chunk that stops short does
+    not. Every sequence holds a slot and the blocks for its tokens."""
 
-    kind: Literal["prefill", "decode"]
     seqs: list[Sequence]
+    num_new_tokens: list[int]
 
     def __len__(self) -> int:
         return len(self.seqs)
+
+    @property
+    def kind(self) -> Literal["prefill", "decode", "mixed"]:
+        """For logs and metrics: decode when every row computes its last token only."""
+        prefill = [self.is_prefill(i) for i in range(len(self.seqs))]
+        if not any(prefill):
+            return "decode"
+        return "prefill" if all(prefill) else "mixed"
+
+    def is_prefill(self, row: int) -> bool:
+        """Whether row ``row`` computes prompt tokens (or recomputes a preempted sequence's), not one
+        decode token."""
+        seq = self.seqs[row]
+        return seq.in_prefill or self.num_new_tokens[row] > 1
+
+    def samples(self, row: int) -> bool:
+        seq = self.seqs[row]
+        return seq.num_cached + self.num_new_tokens[row] >= seq.num_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
 
 
 @dataclass(slots=True, frozen=True)
@@ -419,11 +455,11 @@ class PositionLogprobs:
 
 @dataclass(slots=True)
 class StepOutput:
-    """One sampled token per sequence of the batch, in batch order.
+    """One sampled token per *sampling* row of the batch (``Batch.samples``), in batch order.
 
-    ``logprobs[i]`` is set for rows whose request asked for logprobs (else None, or the list is empty
-    when no row asked). ``prompt_logprobs[i]`` is set in a prefill step for rows that asked for prompt
-    logprobs: one entry per computed prompt token after the first, in order."""
+    ``logprobs[i]`` is set for the i-th sampling row when its request asked for logprobs (else None, or
+    the list is empty when no row asked). ``prompt_logprobs[i]`` (one per batch row) is set for rows that
+    asked for prompt logprobs: one entry per computed prompt token after the first, in order."""
 
     token_ids: list[int]
     logprobs: list[PositionLogprobs | None] = field(default_factory=list)
@@ -431,15 +467,39 @@ class StepOutput:
 
 
 class AdapterLease(Protocol):
-    """Pins one adapter version while a sequence uses it."""
+    """Pins one adapter version while a sequence uses it. ``version`` names that version everywhere (the
+    store's key, PEFT's adapter name, the LoRA slot's key); ``digest`` is the sha256 of its weights, which
+    keys the prefix cache; ``snapshot`` says its rows run on a merged copy (whose KV differs)."""
 
     @property
     def adapter(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def digest(self) -> str: ...
+
+    @property
+    def on_snapshot(self) -> bool: ...
+
+
+@dataclass(slots=True, frozen=True)
+class KVBlocks:
+    """The runner's paged KV memory as the scheduler's block manager sees it. ``base_digest`` keys the
+    base model's blocks in the prefix cache (adapter versions use their weights' digest)."""
+
+    num_blocks: int
+    block_size: int
+    base_digest: str
 
 
 class ModelRunner(Protocol):
     """Everything the engine needs from the runtime. All methods but the properties are called on the
     engine thread only."""
+
+    @property
+    def kv_blocks(self) -> KVBlocks: ...
 
     @property
     def model_id(self) -> str: ...
@@ -483,5 +543,5 @@ class ModelRunner(Protocol):
     def step(self, batch: Batch) -> StepOutput: ...
 
     def free_slot(self, slot: int) -> None:
-        """The sequence in ``slot`` left; its KV and penalty state may be overwritten."""
+        """The sequence in ``slot`` left; its penalty and sampling state may be overwritten."""
         ...

@@ -1,6 +1,7 @@
 """The attention masks a model family expects from our KV cache's boolean mask.
 
-The runner builds one boolean mask per step, ``[B, 1, S, L]`` (query row attends to KV column). Handed a 4D
+The runner builds one boolean mask per forward, ``[B, 1, S, L]`` (query attends to key column), with each
+query's and each key's position in its sequence (a packed row holds several sequences). Handed a 4D
 mask, transformers uses it as it is for every layer, so what the family adds on top of causality has to be
 in the mask already:
 
@@ -53,17 +54,19 @@ class MaskLayout:
         """True when the boolean causal mask is what the model wants (Llama, GPT-NeoX, OPT, ...)."""
         return self.window is None and self.additive_dtype is None
 
-    def build(self, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        """``mask`` [B, 1, S, L] bool and the queries' ``positions`` [B, S] -> what ``attention_mask`` takes."""
+    def build(
+        self, mask: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """``mask`` [B, 1, S, L] bool, the queries' ``positions`` [B, S] and the keys' ``key_positions``
+        [B, L] -> what ``attention_mask`` takes."""
         if self.is_plain:
             return mask
         full = self._encode(mask)
         if self.window is None:
             return full
-        cols = torch.arange(mask.shape[-1], device=mask.device)
         # padding queries attend to column 0 only and sit at position 0, which every window keeps
         windowed = self._encode(
-            mask & (cols[None, None, None, :] > positions[:, None, :, None] - self.window)
+            mask & (key_positions[:, None, None, :] > positions[:, None, :, None] - self.window)
         )
         if self.mixed_layers:
             return {FULL: full, SLIDING: windowed}

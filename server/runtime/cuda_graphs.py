@@ -1,15 +1,16 @@
 """Decode steps replayed as CUDA graphs: one graph per (rows, kv_len, sampling features) bucket, captured on
 first use over static input buffers that each step updates in place.
 
-A decode step has fixed shapes per bucket (``model_runner``'s view placement: row i is KV slot i, attention
-reads ``kv_len`` columns), and the adapter of each row is an index into slot tensors
-(``server.runtime.slot_lora``), so the whole step, sampling included, is device work with no host decision
-in it. Per step the host writes one small int64 table (``[5, rows]``: token, position, active, sampler
-slot, LoRA slot) to a pinned buffer, copies it to the device without a sync, replays the graph, and reads
-the sampled tokens back: that ``.tolist()`` is the step's only host sync.
+A decode step has fixed shapes per bucket (row i is sequence slot i, attention reads ``kv_len`` columns
+through the row's block table, ``PagedKVCache.place_decode``), and the adapter of each row is an index into
+slot tensors (``server.runtime.slot_lora``), so the whole step, sampling included, is device work with no
+host decision in it. Per step the host writes one small int64 table (``[5, rows]``: token, position,
+active, sampler slot, LoRA slot) and the rows' block tables (``[rows, max_blocks]``) to pinned buffers,
+copies them to the device without a sync, replays the graph, and reads the sampled tokens back: that
+``.tolist()`` is the step's only host sync.
 
 Capture runs the step eagerly twice on a side stream first (lazy initializations, cuBLAS workspaces), with
-every row inactive: keys and values go to the scratch column, samples to the sampler's scratch slot, so a
+every row inactive: keys and values go to the scratch slot, samples to the sampler's scratch slot, so a
 capture never touches a running sequence's state.
 """
 
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from server.runtime.kv_cache import SlotKVCache
+from server.runtime.kv_cache import PagedKVCache
 from server.runtime.sampler import Sampler, SamplingFeatures
 
 if TYPE_CHECKING:
@@ -40,10 +41,11 @@ _TOKEN, _POSITION, _ACTIVE, _SAMPLE_SLOT, _LORA_SLOT = range(5)
 class DecodeRow:
     """One running sequence of a decode step, as the graph's input table holds it."""
 
-    slot: int  # KV slot == batch row
+    slot: int  # sequence slot == batch row
     token: int  # the last token, whose successor is sampled
-    position: int  # its position (= KV column written)
+    position: int  # its position (its KV goes to block blocks[position // block_size])
     lora_slot: int  # SlotLoRA slot (its base slot for base rows)
+    blocks: tuple[int, ...] = ()  # its block table
 
 
 @dataclass(slots=True, frozen=True)
@@ -67,10 +69,11 @@ class DecodeGraphs:
         self,
         *,
         model: Callable[[], torch.nn.Module],
-        kv: SlotKVCache,
+        kv: PagedKVCache,
         sampler: Sampler,
         slot_lora: SlotLoRA | None,
         num_slots: int,
+        max_blocks_per_seq: int,
         device: torch.device,
     ) -> None:
         self._model = model
@@ -82,6 +85,11 @@ class DecodeGraphs:
         self._base_lora_slot = slot_lora.base_slot if slot_lora is not None else 0
         self._inputs = torch.zeros(5, num_slots, dtype=torch.int64, device=device)  # static, [5, S]
         self._staging = torch.zeros(5, num_slots, dtype=torch.int64, pin_memory=device.type == "cuda")
+        # block tables, static [S, T]; padding entries name block 0, whose columns the mask hides
+        self._tables = torch.zeros(num_slots, max_blocks_per_seq, dtype=torch.int64, device=device)
+        self._tables_staging = torch.zeros(
+            num_slots, max_blocks_per_seq, dtype=torch.int64, pin_memory=device.type == "cuda"
+        )
         self._graphs: dict[GraphKey, _Captured] = {}
         self._pool: Any = None  # torch.cuda graph memory pool handle, shared by every graph
         self._captured_for: tuple[int, int] = (-1, -1)  # (id(model), slot_lora.generation)
@@ -119,6 +127,11 @@ class DecodeGraphs:
             table[_LORA_SLOT][row.slot] = row.lora_slot
         self._staging[:, :rows].copy_(torch.tensor(table, dtype=torch.int64))
         self._inputs[:, :rows].copy_(self._staging[:, :rows], non_blocking=True)
+        tables = self._tables_staging[:rows]
+        tables.zero_()
+        for row in decode_rows:
+            tables[row.slot, : len(row.blocks)] = torch.tensor(row.blocks, dtype=torch.int64)
+        self._tables[:rows].copy_(tables, non_blocking=True)
         if captured.graph is not None:
             captured.graph.replay()
             tokens: list[int] = captured.tokens.tolist()  # the step's one host sync
@@ -143,7 +156,7 @@ class DecodeGraphs:
         token_ids = inputs[_TOKEN, :, None]  # [R, 1]
         positions = inputs[_POSITION, :, None]  # [R, 1]
         active = inputs[_ACTIVE, :, None] != 0  # [R, 1]
-        mask = self._kv.place_decode(positions, active, key.kv_len)  # [R, L]
+        mask = self._kv.place_decode(self._tables[: key.rows], positions, active, key.kv_len)  # [R, L]
         routing = (
             self._slot_lora.routing(inputs[_LORA_SLOT])
             if self._slot_lora is not None
@@ -166,6 +179,7 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         # harmless inputs for the eager warm-up: all rows inactive, sampled into the scratch slot, no LoRA
         self._inputs.zero_()
+        self._tables.zero_()
         self._inputs[_SAMPLE_SLOT].fill_(self._num_slots)
         self._inputs[_LORA_SLOT].fill_(self._base_lora_slot)
         side = torch.cuda.Stream(self._device)

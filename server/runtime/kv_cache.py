@@ -1,13 +1,17 @@
-"""Static KV memory for the running sequences, sized once at start-up.
+"""Paged KV memory: fixed-size blocks in one pool per layer, sized once at start-up from a byte budget.
 
-Per layer, keys and values live in ``[num_slots, kv_heads, max_len + 1, head_dim]``: one slot per running
-sequence, one extra column (index ``max_len``) where padding tokens write and nothing ever reads. The
-cache plugs into transformers' attention through the ``update(key, value, layer_idx)`` hook; before each
-forward the runner sets where the step's tokens go:
+Per layer, keys and values live in ``[num_blocks * block_size + 1, kv_heads, head_dim]``: token ``i`` of a
+sequence sits at flat slot ``table[i // block_size] * block_size + i % block_size`` of its block table
+(``server.engine.block_manager`` owns the tables); the extra last slot is scratch, where padding tokens
+write and which only masked-out columns read. The cache plugs into transformers' attention through the
+``update(key, value, layer_idx)`` hook; before each forward the runner sets a ``PagedPlacement``:
 
-- ``view`` mode (decode): batch row ``i`` *is* slot ``i``; attention reads ``[:rows, :, :kv_len]``, a view,
-  so a decode step copies no KV and keeps fixed shapes per (rows, kv_len) bucket (CUDA-graph ready).
-- ``gather`` mode (prefill, snapshot rows): rows name their slots in ``slot_ids``; attention reads a gather.
+- ``write_slots`` ``[B, S]``: the flat slot each query token's key/value goes to;
+- ``read_slots`` ``[B, L]``: the flat slots attention reads for each batch row, gathered in order.
+
+A row may hold several sequences one after the other (packed, varlen): the runner's mask keeps each query
+on its own sequence's columns. ``place_decode`` builds the placement of a decode step from block tables on
+the device with fixed shapes per (rows, kv_len) bucket, so a decode step can be captured as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -18,50 +22,72 @@ import torch
 
 
 @dataclass(slots=True)
-class StepPlacement:
-    """Where one forward's tokens go. ``write_pos`` [B, S]: KV column of each token (``max_len`` for
-    padding). ``slot_ids`` [B] in gather mode, None in view mode. ``kv_len``: columns attention reads."""
+class PagedPlacement:
+    """Where one forward's tokens go and what attention reads. ``write_slots`` [B, S], ``read_slots``
+    [B, L]: flat KV slots (the scratch slot for padding)."""
 
-    write_pos: torch.Tensor
-    kv_len: int
-    slot_ids: torch.Tensor | None = None
+    write_slots: torch.Tensor
+    read_slots: torch.Tensor
 
 
-class SlotKVCache:
-    """KV tensors for every layer plus the placement of the step being run."""
+@dataclass(slots=True, frozen=True)
+class KVGeometry:
+    """One token's KV footprint: what sizing a pool from a byte budget needs."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    def num_blocks(self, budget_bytes: int, block_size: int) -> int:
+        """How many blocks of ``block_size`` tokens ``budget_bytes`` holds (at least 1)."""
+        return max(1, budget_bytes // (self.bytes_per_token * block_size))
+
+
+class PagedKVCache:
+    """KV pools for every layer plus the placement of the step being run."""
 
     def __init__(
-        self,
-        *,
-        num_layers: int,
-        num_slots: int,
-        num_kv_heads: int,
-        head_dim: int,
-        max_len: int,
-        dtype: torch.dtype,
-        device: torch.device,
+        self, *, geometry: KVGeometry, num_blocks: int, block_size: int, device: torch.device
     ) -> None:
-        shape = (num_slots, num_kv_heads, max_len + 1, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.num_slots = num_slots
-        self.max_len = max_len
-        self.placement: StepPlacement | None = None
-
-    def place_decode(self, positions: torch.Tensor, active: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """Set a view-mode placement for one decode token per row and return its attention mask [R, L].
-
-        positions ``[R, 1]``, active ``[R, 1]`` bool. Active rows write at their position and attend to
-        their past; inactive rows (free slots, rows run by another model this step) write to the scratch
-        column and attend to column 0 only, so no row is all -inf. No host sync: graph-safe.
-        """
-        cols = torch.arange(kv_len, device=positions.device)[None, :]  # [1, L]
-        self.placement = StepPlacement(write_pos=torch.where(active, positions, self.max_len), kv_len=kv_len)
-        return ((cols <= positions) & active) | (~active & (cols == 0))
+        g = geometry
+        self.geometry = geometry
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.scratch = num_blocks * block_size  # the flat slot padding writes to
+        shape = (self.scratch + 1, g.num_kv_heads, g.head_dim)
+        self.keys = [torch.zeros(shape, dtype=g.dtype, device=device) for _ in range(g.num_layers)]
+        self.values = [torch.zeros(shape, dtype=g.dtype, device=device) for _ in range(g.num_layers)]
+        self.placement: PagedPlacement | None = None
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def place_decode(
+        self, block_tables: torch.Tensor, positions: torch.Tensor, active: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
+        """Set the placement of one decode token per row and return its attention mask [R, L].
+
+        block_tables ``[R, T]`` (T * block_size >= kv_len), positions ``[R, 1]``, active ``[R, 1]`` bool.
+        Active rows write at their position and attend to their past; inactive rows write to scratch and
+        attend to column 0 only, so no row is all -inf. No host sync: graph-safe."""
+        bs = self.block_size
+        cols = torch.arange(kv_len, device=positions.device)[None, :]  # [1, L]
+        read = block_tables[:, : -(-kv_len // bs)].repeat_interleave(bs, dim=1)[:, :kv_len] * bs + cols % bs
+        row_block = torch.gather(block_tables, 1, positions // bs)  # [R, 1]
+        write = torch.where(active, row_block * bs + positions % bs, self.scratch)
+        self.placement = PagedPlacement(write_slots=write, read_slots=read)
+        return ((cols <= positions) & active) | (~active & (cols == 0))
 
     def update(
         self,
@@ -71,22 +97,18 @@ class SlotKVCache:
         *args: object,
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys/values (``[B, H, S, D]``) and return what attention reads."""
+        """Write this step's keys/values (``[B, H, S, D]``) and return what attention reads
+        (``[B, H, L, D]``)."""
         placement = self.placement
         if placement is None:
-            raise RuntimeError("SlotKVCache.update called outside a runner step")
+            raise RuntimeError("PagedKVCache.update called outside a runner step")
         k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
-        rows, _, seq_len, _ = key_states.shape
-        if placement.slot_ids is None:
-            slots = torch.arange(rows, device=key_states.device)
-        else:
-            slots = placement.slot_ids
-        slot_index = slots[:, None].expand(rows, seq_len)  # [B, S]
-        k_cache[slot_index, :, placement.write_pos] = key_states.transpose(1, 2).to(k_cache.dtype)
-        v_cache[slot_index, :, placement.write_pos] = value_states.transpose(1, 2).to(v_cache.dtype)
-        if placement.slot_ids is None:
-            return k_cache[:rows, :, : placement.kv_len], v_cache[:rows, :, : placement.kv_len]
-        return k_cache[:, :, : placement.kv_len][slots], v_cache[:, :, : placement.kv_len][slots]
+        heads, dim = k_cache.shape[1], k_cache.shape[2]
+        write = placement.write_slots.reshape(-1)
+        k_cache.index_copy_(0, write, key_states.transpose(1, 2).reshape(-1, heads, dim).to(k_cache.dtype))
+        v_cache.index_copy_(0, write, value_states.transpose(1, 2).reshape(-1, heads, dim).to(v_cache.dtype))
+        read = placement.read_slots
+        return k_cache[read].transpose(1, 2), v_cache[read].transpose(1, 2)
 
     # transformers asks these of a cache object in some code paths
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -1,8 +1,14 @@
-"""The only place that runs the model: prefill and decode steps for a batch of sequences, each row with its
-own adapter (PEFT's mixed-batch ``adapter_names``), its own position and its own KV slot.
+"""The only place that runs the model: one forward per step over every row's new tokens (decode tokens and
+prompt chunks together), each sequence with its own adapter, its own positions and its own KV blocks.
 
-Shapes are bucketed so a decode step can be captured as a CUDA graph: a decode batch covers slots
-``[0, rows)`` with ``rows`` a power of two, and attention reads ``kv_len`` columns, also a power of two.
+A step packs its sequences into *lanes*, one batch row per adapter: the lane holds its sequences' new
+tokens one after the other (varlen, no padding inside a lane) with per-token positions, and attention reads
+the lane's sequences' KV blocks (``server.runtime.kv_cache``) under a block-diagonal causal mask. Lanes
+keep PEFT's per-row ``adapter_names`` (and slot LoRA's per-row slots) routing as they are.
+
+A decode step on CUDA replays a captured graph instead (``server.runtime.cuda_graphs``): row ``i`` is slot
+``i``, ``rows`` a power of two, attention reads ``kv_len`` columns (a power of two) through the rows'
+block tables, so its shapes are fixed per bucket.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from adapter_store.store import Lease, ServingStore
 from server.engine.types import (
     AdapterLease,
     AdapterUnavailableError,
     Batch,
+    KVBlocks,
     PositionLogprobs,
     Sequence,
     StepOutput,
@@ -26,7 +34,7 @@ from server.engine.types import (
 )
 from server.runtime.attention import MaskLayout
 from server.runtime.cuda_graphs import DecodeGraphs, DecodeRow
-from server.runtime.kv_cache import SlotKVCache, StepPlacement
+from server.runtime.kv_cache import KVGeometry, PagedKVCache, PagedPlacement
 from server.runtime.sampler import LogprobsMode, Sampler, SamplerOutput, position_logprobs
 from server.runtime.slot_lora import SlotLoRA
 from server.runtime.tokenizer import HFTokenizer
@@ -35,6 +43,8 @@ log = logging.getLogger("loraserve.runtime")
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 MIN_KV_BUCKET = 32
+BLOCK_SIZE = 16
+GPU_KV_FRACTION = 0.8  # of the device memory free after loading, when no --kv-cache-memory is given
 
 
 def bucket(n: int, cap: int, floor: int = 1) -> int:
@@ -53,6 +63,14 @@ class _Group:
     rows: list[int]
 
 
+@dataclass(slots=True)
+class _Lane:
+    """One batch row of a packed forward: sequences (batch rows) on one adapter, one after the other."""
+
+    adapter: str  # the adapter version's name, or BASE_ADAPTER
+    rows: list[int]
+
+
 class ModelRunner:
     """Implements ``server.engine.types.ModelRunner`` over a transformers causal LM and an adapter store."""
 
@@ -64,11 +82,13 @@ class ModelRunner:
         model_id: str,
         num_slots: int,
         max_model_len: int,
-        store: object | None = None,
+        store: ServingStore | None = None,
         cuda_graphs: bool = True,
         slot_lora: bool | None = None,
         max_lora_rank: int = 16,
         logprobs_mode: LogprobsMode = "raw_logprobs",
+        kv_cache_memory: int | None = None,
+        block_size: int = BLOCK_SIZE,
     ) -> None:
         config = model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -89,27 +109,43 @@ class ModelRunner:
         num_heads = text_config.num_attention_heads
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
         self.dtype = _compute_dtype(model)
-        self.kv = SlotKVCache(
+        geometry = KVGeometry(
             num_layers=text_config.num_hidden_layers,
-            num_slots=num_slots,
-            num_kv_heads=getattr(text_config, "num_key_value_heads", num_heads),
+            num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
             head_dim=head_dim,
-            max_len=max_model_len,
             dtype=self.dtype,
-            device=self.device,
+        )
+        budget = self._kv_budget(kv_cache_memory, geometry)
+        # at least one whole context: a sequence the engine admits always fits once the others are preempted
+        num_blocks = max(geometry.num_blocks(budget, block_size), -(-max_model_len // block_size))
+        self.kv = PagedKVCache(
+            geometry=geometry, num_blocks=num_blocks, block_size=block_size, device=self.device
         )
         self.sampler = Sampler(
             self._vocab_size, num_slots, self.device, logprobs_mode, num_valid_ids=tokenizer.num_ids
         )
+        self._started: set[int] = set()  # slots whose sampling state is set (kept across a preemption)
         self._masks = MaskLayout.of(model, self.dtype)
         self._init_fast_path(cuda_graphs and self._masks.is_plain, slot_lora, max_lora_rank)
         log.info(
-            "KV memory: %d slots x %d tokens = %.1f MiB on %s",
-            num_slots,
-            max_model_len,
+            "KV memory: %d blocks x %d tokens (%d tokens) = %.1f MiB on %s, up to %d sequences",
+            num_blocks,
+            block_size,
+            self.kv.num_tokens,
             self.kv.nbytes / 2**20,
             self.device,
+            num_slots,
         )
+
+    def _kv_budget(self, kv_cache_memory: int | None, geometry: KVGeometry) -> int:
+        """Bytes for the KV pool: the flag; else a share of the free device memory on CUDA; else (CPU) the
+        static slot cache's old footprint, ``num_slots`` whole contexts."""
+        if kv_cache_memory is not None:
+            return kv_cache_memory
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * GPU_KV_FRACTION)
+        return self._num_slots * self._max_model_len * geometry.bytes_per_token
 
     # ------------------------------------------------------------------------------------ protocol
 
@@ -133,11 +169,15 @@ class ModelRunner:
     def vocab_size(self) -> int:
         return self._vocab_size
 
+    @property
+    def kv_blocks(self) -> KVBlocks:
+        return KVBlocks(self.kv.num_blocks, self.kv.block_size, base_digest=f"base:{self._model_id}")
+
     def adapter_names(self) -> list[str]:
-        return [] if self.store is None else sorted(self.store.registry.names())  # type: ignore[attr-defined]
+        return [] if self.store is None else sorted(self.store.registry.names())
 
     def has_adapter(self, name: str) -> bool:
-        return self.store is not None and self.store.registry.get(name) is not None  # type: ignore[attr-defined]
+        return self.store is not None and self.store.registry.get(name) is not None
 
     def acquire_adapter(self, name: str) -> AdapterLease | None:
         if self.store is None:
@@ -145,100 +185,101 @@ class ModelRunner:
         from adapter_store import AdapterLoadError, AdapterRefusedError
 
         try:
-            lease: AdapterLease | None = self.store.acquire(name)  # type: ignore[attr-defined]
+            return self.store.acquire(name)
         except AdapterRefusedError as exc:
             if exc.status == 404:
                 raise UnknownModelError(f"the model {name!r} does not exist", param="model") from exc
             raise AdapterUnavailableError(str(exc), status=exc.status) from exc
         except AdapterLoadError as exc:
             raise AdapterUnavailableError(str(exc), status=exc.status) from exc
-        return lease
 
     def release_adapter(self, lease: AdapterLease) -> None:
         if self.store is not None:
-            self.store.release(lease)  # type: ignore[attr-defined]
+            self.store.release(_store_lease(lease))
 
     def housekeeping(self) -> None:
         if self.store is not None:
-            self.store.sync()  # type: ignore[attr-defined]
+            self.store.sync()
 
     def set_wakeup(self, wake: Callable[[], None]) -> None:
         if self.store is not None:
-            self.store.set_wakeup(wake)  # type: ignore[attr-defined]
+            self.store.set_wakeup(wake)
 
     def free_slot(self, slot: int) -> None:
         self.sampler.free(slot)
+        self._started.discard(slot)
 
     @torch.inference_mode()
     def step(self, batch: Batch) -> StepOutput:
-        if batch.kind == "prefill":
-            return self._prefill(batch.seqs)
-        return self._decode(batch.seqs)
+        seqs = batch.seqs
+        for seq in seqs:
+            if seq.slot not in self._started:
+                stop_ids = self._tokenizer.eos_token_ids | set(seq.sampling.stop_token_ids)
+                prompt = seq.token_ids[: seq.num_prompt_tokens]
+                self.sampler.start(seq.slot, prompt, seq.sampling, seq.seed, sorted(stop_ids))
+                self._started.add(seq.slot)
+        graphs = self.graphs
+        if batch.kind == "decode" and graphs is not None and not graphs.failed and self._graphable(seqs):
+            return self._decode_graph(graphs, seqs)
+        return self._packed_step(batch)
 
     # ------------------------------------------------------------------------------------ steps
 
-    def _prefill(self, seqs: list[Sequence]) -> StepOutput:
-        """Batch -> StepOutput for new sequences: left-padded prompts, so every row's last token sits in
-        the last column and ``logits_to_keep=1`` gives each row's next-token logits."""
-        for seq in seqs:
-            if seq.num_cached == 0:
-                stop_ids = self._tokenizer.eos_token_ids | set(seq.sampling.stop_token_ids)
-                self.sampler.start(seq.slot, seq.token_ids, seq.sampling, seq.seed, sorted(stop_ids))
-        lengths = [seq.num_tokens - seq.num_cached for seq in seqs]
-        width = max(lengths)
-        rows = len(seqs)
-        scratch = self._max_model_len
-        input_ids = torch.zeros(rows, width, dtype=torch.long)  # [B, S]
-        rope_pos = torch.zeros(rows, width, dtype=torch.long)  # [B, S]
-        write_pos = torch.full((rows, width), scratch, dtype=torch.long)  # [B, S]
-        for i, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
-            positions = torch.arange(seq.num_cached, seq.num_tokens)
-            input_ids[i, width - n :] = torch.tensor(seq.token_ids[seq.num_cached :])
-            rope_pos[i, width - n :] = positions
-            write_pos[i, width - n :] = positions
-        kv_len = bucket(max(seq.num_tokens for seq in seqs), self._max_model_len, MIN_KV_BUCKET)
-        # each real query attends to its own past; padding queries attend to column 0 so no row is all -inf
-        cols = torch.arange(kv_len)
-        mask = cols[None, None, :] <= rope_pos[:, :, None]  # [B, S, L]
-        mask |= (write_pos == scratch)[:, :, None] & (cols == 0)[None, None, :]
-        slots = torch.tensor([seq.slot for seq in seqs], dtype=torch.long)
-        logits = torch.empty(rows, self._vocab_size, dtype=torch.float32, device=self.device)
-        prompt_logprobs: list[tuple[PositionLogprobs, ...] | None] = [None] * rows
-        for group in self._groups(seqs, range(rows)):
-            idx = torch.tensor(group.rows, dtype=torch.long)
-            self.kv.placement = StepPlacement(
-                write_pos=write_pos[idx].to(self.device), kv_len=kv_len, slot_ids=slots[idx].to(self.device)
+    def _packed_step(self, batch: Batch) -> StepOutput:
+        """Batch -> StepOutput: every row's new tokens (a decode token or a prompt chunk) in one forward per
+        model, packed one sequence after another into one lane per adapter (no padding inside a lane),
+        with per-token positions; each lane's attention reads its sequences' blocks."""
+        seqs = batch.seqs
+        sampling = [i for i in range(len(seqs)) if batch.samples(i)]
+        logits = torch.empty(len(sampling), self._vocab_size, dtype=torch.float32, device=self.device)
+        logit_row = {row: k for k, row in enumerate(sampling)}  # batch row -> row of ``logits``
+        prompt_logprobs: list[tuple[PositionLogprobs, ...] | None] = [None] * len(seqs)
+        for group in self._groups(seqs, range(len(seqs))):
+            lanes = self._lanes(group, seqs)
+            packed = _pack(lanes, batch, self.kv.block_size, self.kv.scratch)
+            keep = packed.keep_columns(batch, lanes, sampling)  # [K] columns whose logits are read
+            mask = self._masks.build(
+                packed.mask().to(self.device),
+                packed.positions.to(self.device),
+                packed.key_positions.to(self.device),
             )
-            # Rows asking for prompt logprobs need every position's logits: the whole group computes them.
-            wants_prompt = [r for r in group.rows if seqs[r].sampling.prompt_logprobs is not None]
+            self.kv.placement = PagedPlacement(
+                write_slots=packed.write_slots.to(self.device), read_slots=packed.read_slots.to(self.device)
+            )
             out = self._forward(
                 group.model,
-                input_ids[idx],
-                rope_pos[idx],
-                mask[idx].unsqueeze(1),
-                [self._peft_name(seqs[r]) for r in group.rows],
-                all_positions=bool(wants_prompt),
-            )  # [G, V], or [G, S, V] with all_positions
-            logits[idx.to(self.device)] = out[:, -1, :] if wants_prompt else out
-            for r in wants_prompt:
-                prompt_logprobs[r] = self._prompt_logprobs(
-                    seqs[r], out[group.rows.index(r)], width, lengths[r]
-                )
-        output = self._sample(seqs, logits, slots.to(self.device), list(range(rows)))
+                packed.input_ids,
+                packed.positions,
+                mask,
+                [lane.adapter for lane in lanes],
+                keep=keep,
+            )  # [B, K, V]
+            column = {int(c): k for k, c in enumerate(keep.tolist())}
+            for lane_idx, lane in enumerate(lanes):
+                for row, start in zip(lane.rows, packed.starts[lane_idx], strict=True):
+                    n = batch.num_new_tokens[row]
+                    if row in logit_row:
+                        logits[logit_row[row]] = out[lane_idx, column[start + n - 1]]
+                    if seqs[row].sampling.prompt_logprobs is not None and batch.is_prefill(row):
+                        cols = [column[c] for c in range(start, start + n)]
+                        prompt_logprobs[row] = self._prompt_logprobs(seqs[row], out[lane_idx, cols], n)
+        slots = torch.tensor([seqs[i].slot for i in sampling], dtype=torch.long, device=self.device)
+        output = self._sample([seqs[i] for i in sampling], logits, slots, list(range(len(sampling))))
         output.prompt_logprobs = prompt_logprobs if any(p is not None for p in prompt_logprobs) else []
         return output
 
     def _prompt_logprobs(
-        self, seq: Sequence, logits: torch.Tensor, width: int, length: int
+        self, seq: Sequence, logits: torch.Tensor, length: int
     ) -> tuple[PositionLogprobs, ...]:
-        """Raw logprobs of the prompt tokens this prefill computed, after the first: ``logits`` ``[S, V]`` is
-        one left-padded row whose last ``length`` columns hold tokens ``num_cached..num_tokens-1``."""
+        """Raw logprobs of the prompt tokens this step computed, after the first: ``logits`` ``[length, V]``
+        holds the columns of tokens ``num_cached..num_cached+length-1``."""
         k = seq.sampling.prompt_logprobs or 0
         start = seq.num_cached
-        targets = seq.token_ids[start + 1 : seq.num_tokens]  # each predicted by the column before it
+        end = min(start + length, seq.num_prompt_tokens)
+        targets = seq.token_ids[start + 1 : end]  # each predicted by the column before it
         if not targets:
             return ()
-        predicting = logits[width - length : width - 1]  # [length - 1, V]
+        predicting = logits[: len(targets)]  # [T, V]
         ids = torch.tensor(targets, dtype=torch.long, device=self.device)
         return tuple(position_logprobs(predicting, ids, k).to_host([k] * len(targets)))
 
@@ -264,96 +305,60 @@ class ModelRunner:
                 output.logprobs[i] = row
         return output
 
-    def _decode(self, seqs: list[Sequence]) -> StepOutput:
-        """Batch -> StepOutput for running sequences: row i is slot i for i in [0, rows); rows of free slots
-        (and rows that run on a snapshot) write only to the scratch column."""
-        rows = bucket(max(seq.slot for seq in seqs) + 1, self._num_slots)
-        if self.graphs is not None and not self.graphs.failed and self._graphable(seqs):
-            return self._decode_graph(self.graphs, seqs, rows)
-        by_slot: dict[int, Sequence] = {seq.slot: seq for seq in seqs}
-        input_ids = torch.zeros(rows, 1, dtype=torch.long)  # [R, 1]
-        rope_pos = torch.zeros(rows, 1, dtype=torch.long)  # [R, 1]
-        for slot, seq in by_slot.items():
-            input_ids[slot, 0] = seq.token_ids[-1]
-            rope_pos[slot, 0] = seq.num_tokens - 1
-        kv_len = bucket(int(rope_pos.max()) + 1, self._max_model_len, MIN_KV_BUCKET)
-        cols = torch.arange(kv_len)
-        logits = torch.empty(rows, self._vocab_size, dtype=torch.float32, device=self.device)
-        sample_slots = torch.full((rows,), self._num_slots, dtype=torch.long)
-        for slot in by_slot:
-            sample_slots[slot] = slot
-        groups = self._groups(seqs, [seq.slot for seq in seqs])
-        for group in groups:
-            if group.model is self._shared_model:
-                # every row of the view runs; rows outside this group write to the scratch column only
-                active = torch.zeros(rows, dtype=torch.bool)
-                active[group.rows] = True
-                names = [self._peft_name(by_slot[r]) if active[r] else BASE_ADAPTER for r in range(rows)]
-                mask = self.kv.place_decode(rope_pos.to(self.device), active[:, None].to(self.device), kv_len)
-                out = self._forward(group.model, input_ids, rope_pos, mask[:, None, None, :], names)
-                logits[active.to(self.device)] = out[active.to(self.device)]
-            else:
-                idx = torch.tensor(group.rows, dtype=torch.long)
-                self.kv.placement = StepPlacement(
-                    write_pos=rope_pos[idx].to(self.device), kv_len=kv_len, slot_ids=idx.to(self.device)
-                )
-                mask = cols[None, :] <= rope_pos[idx]
-                names = [BASE_ADAPTER] * len(group.rows)
-                logits[idx.to(self.device)] = self._forward(
-                    group.model, input_ids[idx], rope_pos[idx], mask[:, None, None, :], names
-                )
-        return self._sample(seqs, logits, sample_slots.to(self.device), [seq.slot for seq in seqs])
-
     # ------------------------------------------------------------------------------------ helpers
 
     @property
     def _shared_model(self) -> torch.nn.Module:
-        return self.base_model if self.store is None else self.store.model  # type: ignore[attr-defined]
+        return self.base_model if self.store is None else self.store.model
 
     def _groups(self, seqs: list[Sequence], rows: Iterable[int]) -> list[_Group]:
         """Split the rows by the model they run on: the shared PEFT model, or a lease's merged snapshot."""
         shared = _Group(self._shared_model, [])
         groups: dict[int, _Group] = {}
         for seq, row in zip(seqs, rows, strict=True):
-            snapshot = getattr(seq.lease, "snapshot", None)
+            snapshot = _snapshot(seq)
             if snapshot is None:
                 shared.rows.append(row)
             else:
                 groups.setdefault(id(snapshot), _Group(snapshot, [])).rows.append(row)
         return ([shared] if shared.rows else []) + list(groups.values())
 
-    @staticmethod
-    def _peft_name(seq: Sequence) -> str:
-        name = getattr(seq.lease, "peft_name", None)
-        return BASE_ADAPTER if name is None else str(name)
+    def _lanes(self, group: _Group, seqs: list[Sequence]) -> list[_Lane]:
+        """One lane per adapter version among the group's rows (a snapshot's rows: one lane, no adapter)."""
+        if group.model is not self._shared_model:
+            return [_Lane(BASE_ADAPTER, list(group.rows))]
+        lanes: dict[str, _Lane] = {}
+        for row in group.rows:
+            name = _version(seqs[row])
+            lanes.setdefault(name, _Lane(name, [])).rows.append(row)
+        return list(lanes.values())
 
     def _forward(
         self,
         model: torch.nn.Module,
         input_ids: torch.Tensor,
-        rope_pos: torch.Tensor,
-        mask: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | dict[str, torch.Tensor],
         adapter_names: list[str],
         *,
-        all_positions: bool = False,
+        keep: torch.Tensor,
     ) -> torch.Tensor:
-        """One forward over ``input_ids`` [B, S]; returns the last column's logits [B, V] in float32 (every
-        column's, [B, S, V], with ``all_positions``)."""
+        """One forward over ``input_ids`` [B, S]; returns the logits of columns ``keep`` [K]: [B, K, V] in
+        float32."""
         kwargs: dict[str, object] = {}
         with self._adapter_routing(model, adapter_names) as peft_names:
             if peft_names is not None:
                 kwargs["adapter_names"] = peft_names
-            positions = rope_pos.to(self.device)
             out = model(
                 input_ids=input_ids.to(self.device),
-                position_ids=positions,
-                attention_mask=self._masks.build(mask.to(self.device), positions),
+                position_ids=positions.to(self.device),
+                attention_mask=mask,
                 past_key_values=self.kv,
                 use_cache=True,
-                logits_to_keep=0 if all_positions else 1,
+                logits_to_keep=keep.to(self.device),
                 **kwargs,
             )
-        return out.logits.float() if all_positions else out.logits[:, -1, :].float()
+        return out.logits.float()
 
     # ------------------------------------------------------------------------------------ GPU fast path
     # Slot LoRA (server/runtime/slot_lora.py) routes rows to adapters through a device tensor instead of
@@ -366,13 +371,13 @@ class ModelRunner:
         if (use_graphs if slot_lora is None else slot_lora) and self.store is not None:
             self.slot_lora = SlotLoRA(
                 self.base_model,
-                num_slots=self.store.max_gpu_adapters,  # type: ignore[attr-defined]
+                num_slots=self.store.max_gpu_adapters,
                 r_max=max_lora_rank,
                 dtype=self.dtype,
                 device=self.device,
             )
             self.slot_lora.enabled = True
-            self.store.set_gpu_listener(self.slot_lora)  # type: ignore[attr-defined]
+            self.store.set_gpu_listener(self.slot_lora)
         self.graphs: DecodeGraphs | None = None
         if use_graphs and (self.store is None or self.slot_lora is not None):
             self.graphs = self.new_decode_graphs()
@@ -386,6 +391,7 @@ class ModelRunner:
             sampler=self.sampler,
             slot_lora=self.slot_lora,
             num_slots=self._num_slots,
+            max_blocks_per_seq=-(-self._max_model_len // self.kv.block_size),
             device=self.device,
         )
 
@@ -395,25 +401,28 @@ class ModelRunner:
         for seq in seqs:
             if seq.sampling.logprobs is not None:
                 return False
-            if getattr(seq.lease, "snapshot", None) is not None:
+            if _snapshot(seq) is not None:
                 return False
-            name = self._peft_name(seq)
+            name = _version(seq)
             if name != BASE_ADAPTER and (self.slot_lora is None or not self.slot_lora.supports(name)):
                 return False
         return True
 
-    def _decode_graph(self, graphs: DecodeGraphs, seqs: list[Sequence], rows: int) -> StepOutput:
-        """Batch -> StepOutput through a captured decode graph (same rows and buckets as ``_decode``)."""
+    def _decode_graph(self, graphs: DecodeGraphs, seqs: list[Sequence]) -> StepOutput:
+        """Batch -> StepOutput through a captured decode graph: row i is slot i for i in [0, rows), every
+        row reads ``kv_len`` columns through its block table."""
         slot_lora = self.slot_lora
         decode_rows = [
             DecodeRow(
                 slot=seq.slot,
                 token=seq.token_ids[-1],
                 position=seq.num_tokens - 1,
-                lora_slot=0 if slot_lora is None else slot_lora.slot_of(_adapter_key(self._peft_name(seq))),
+                lora_slot=0 if slot_lora is None else slot_lora.slot_of(_adapter_key(_version(seq))),
+                blocks=tuple(seq.block_table),
             )
             for seq in seqs
         ]
+        rows = bucket(max(seq.slot for seq in seqs) + 1, self._num_slots)
         kv_len = bucket(max(seq.num_tokens for seq in seqs), self._max_model_len, MIN_KV_BUCKET)
         tokens = graphs.run(rows, kv_len, decode_rows, self.sampler.features())
         return StepOutput(token_ids=[tokens[seq.slot] for seq in seqs])
@@ -448,8 +457,99 @@ class ModelRunner:
             yield peft_names
 
 
-def _adapter_key(peft_name: str) -> str | None:
-    return None if peft_name == BASE_ADAPTER else peft_name
+def _adapter_key(version: str) -> str | None:
+    return None if version == BASE_ADAPTER else version
+
+
+def _store_lease(lease: AdapterLease) -> Lease:
+    """The runner hands out the store's leases only: anything else is a wiring bug."""
+    if not isinstance(lease, Lease):
+        raise TypeError(f"not an adapter store lease: {type(lease).__name__}")
+    return lease
+
+
+def _version(seq: Sequence) -> str:
+    """The adapter version a row runs (PEFT's adapter name, the LoRA slot key), BASE_ADAPTER for none."""
+    return BASE_ADAPTER if seq.lease is None else seq.lease.version
+
+
+def _snapshot(seq: Sequence) -> torch.nn.Module | None:
+    return None if seq.lease is None else _store_lease(seq.lease).snapshot
+
+
+@dataclass(slots=True)
+class _Packed:
+    """The host tensors of one packed forward: ``B`` lanes, ``S`` query columns, ``L`` key columns."""
+
+    input_ids: torch.Tensor  # [B, S]
+    positions: torch.Tensor  # [B, S] each token's position in its sequence
+    segments: torch.Tensor  # [B, S] which sequence of the lane a query is (-1: padding)
+    write_slots: torch.Tensor  # [B, S] flat KV slot each token writes (scratch: padding)
+    read_slots: torch.Tensor  # [B, L] flat KV slot of each key column (scratch: padding)
+    key_segments: torch.Tensor  # [B, L] (-2: padding)
+    key_positions: torch.Tensor  # [B, L]
+    starts: list[list[int]]  # per lane, the first column of each of its rows
+
+    def mask(self) -> torch.Tensor:
+        """[B, 1, S, L] bool: a query sees its own sequence's keys up to its position (block-diagonal
+        causal); padding queries see column 0 only, so no row is all -inf."""
+        same = self.segments[:, :, None] == self.key_segments[:, None, :]
+        causal = self.key_positions[:, None, :] <= self.positions[:, :, None]
+        pad = (self.segments < 0)[:, :, None] & (torch.arange(self.read_slots.shape[1]) == 0)[None, None, :]
+        return ((same & causal) | pad)[:, None]
+
+    def keep_columns(self, batch: Batch, lanes: list[_Lane], sampling: list[int]) -> torch.Tensor:
+        """The query columns whose logits the step needs: each sampling row's last token, every column of
+        a row asking for prompt logprobs."""
+        wanted: set[int] = set()
+        sampled = set(sampling)
+        for lane, starts in zip(lanes, self.starts, strict=True):
+            for row, start in zip(lane.rows, starts, strict=True):
+                n = batch.num_new_tokens[row]
+                if batch.seqs[row].sampling.prompt_logprobs is not None and batch.is_prefill(row):
+                    wanted.update(range(start, start + n))
+                elif row in sampled:
+                    wanted.add(start + n - 1)
+        return torch.tensor(sorted(wanted) or [0], dtype=torch.long)
+
+
+def _pack(lanes: list[_Lane], batch: Batch, block_size: int, scratch: int) -> _Packed:
+    """Lay out each lane's rows one after the other: tokens ``num_cached .. num_cached + n`` of each
+    sequence as queries, its tokens ``0 .. num_cached + n`` (through its block table) as keys."""
+    widths = [sum(batch.num_new_tokens[r] for r in lane.rows) for lane in lanes]
+    key_lens = [sum(batch.seqs[r].num_cached + batch.num_new_tokens[r] for r in lane.rows) for lane in lanes]
+    b, s, length = len(lanes), max(widths), max(key_lens)
+    packed = _Packed(
+        input_ids=torch.zeros(b, s, dtype=torch.long),
+        positions=torch.zeros(b, s, dtype=torch.long),
+        segments=torch.full((b, s), -1, dtype=torch.long),
+        write_slots=torch.full((b, s), scratch, dtype=torch.long),
+        read_slots=torch.full((b, length), scratch, dtype=torch.long),
+        key_segments=torch.full((b, length), -2, dtype=torch.long),
+        key_positions=torch.zeros(b, length, dtype=torch.long),
+        starts=[],
+    )
+    for i, lane in enumerate(lanes):
+        q = k = 0
+        starts: list[int] = []
+        for j, row in enumerate(lane.rows):
+            seq, n = batch.seqs[row], batch.num_new_tokens[row]
+            begin, end = seq.num_cached, seq.num_cached + n
+            table = torch.tensor(seq.block_table, dtype=torch.long)
+            ctx = torch.arange(end)
+            slots = table[ctx // block_size] * block_size + ctx % block_size  # [end]
+            packed.input_ids[i, q : q + n] = torch.tensor(seq.token_ids[begin:end])
+            packed.positions[i, q : q + n] = ctx[begin:]
+            packed.segments[i, q : q + n] = j
+            packed.write_slots[i, q : q + n] = slots[begin:]
+            packed.read_slots[i, k : k + end] = slots
+            packed.key_segments[i, k : k + end] = j
+            packed.key_positions[i, k : k + end] = ctx
+            starts.append(q)
+            q += n
+            k += end
+        packed.starts.append(starts)
+    return packed
 
 
 def _is_peft(model: torch.nn.Module) -> bool:

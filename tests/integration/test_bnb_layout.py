@@ -147,7 +147,7 @@ def test_adapters_injected_after_the_base_ran_equal_fresh_peft(
                 assert time.monotonic() < deadline, f"{name} never loaded"
                 time.sleep(0.01)
                 store.sync()
-            got = logits(store.model, adapter_names=[lease.peft_name])
+            got = logits(store.model, adapter_names=[lease.version])
             torch.testing.assert_close(got, fresh_reference(base, dirs / name), rtol=0, atol=1e-5)
             store.release(lease)
         base_rows = logits(store.model, adapter_names=["__base__"])

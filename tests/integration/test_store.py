@@ -146,7 +146,7 @@ def wait_acquire(store: AdapterStore, name: str, timeout: float = 30.0) -> Lease
 def run(store: AdapterStore, lease: Lease, prompt: list[int]) -> list[int]:
     if lease.snapshot is not None:
         return greedy(lease.snapshot, prompt, N_NEW)
-    return greedy(store.model, prompt, N_NEW, [lease.peft_name])
+    return greedy(store.model, prompt, N_NEW, [lease.version])
 
 
 def test_round_robin_over_more_adapters_than_slots(store_factory: Callable, bundle: Bundle) -> None:
@@ -196,7 +196,7 @@ def test_preload_fills_the_cpu_tier_before_any_request(store_factory: Callable, 
 def test_mixed_batch_rows(store_factory: Callable, bundle: Bundle) -> None:
     store, _ = store_factory(max_gpu_adapters=3, max_cpu_adapters=0)
     leases = [wait_acquire(store, n) for n in SPECS]
-    names = [lease.peft_name for lease in leases] + ["__base__"]
+    names = [lease.version for lease in leases] + ["__base__"]
     prompt = PROMPTS[0]
     ids = [list(prompt) for _ in names]
     with torch.inference_mode():
@@ -287,7 +287,7 @@ def test_one_load_for_many_cold_requests(store_factory: Callable, monkeypatch: p
         store.sync()
     gate.set()
     leases = [wait_acquire(store, "alpha") for _ in range(50)]
-    assert calls == ["alpha"] and len({lease.peft_name for lease in leases}) == 1
+    assert calls == ["alpha"] and len({lease.version for lease in leases}) == 1
 
 
 def test_failed_load_fails_only_that_adapter(
@@ -334,16 +334,16 @@ def test_atomic_version_swap(store_factory: Callable, bundle: Bundle, tmp_path: 
     info = store.load("alpha", "alpha")
     assert info.digest != old.digest
     new = wait_acquire(store, "alpha")
-    assert new.peft_name != old.peft_name and new.digest == info.digest
+    assert new.version != old.version and new.digest == info.digest
     # running requests finish on the old weights; new ones get the new
     assert run(store, old, PROMPTS[0]) == bundle.refs["alpha"][0]
     assert run(store, new, PROMPTS[0]) == bundle.v2_refs[0]
     peft = store.model
     store.sync()
-    assert old.peft_name in peft.peft_config  # type: ignore[operator]
+    assert old.version in peft.peft_config  # type: ignore[operator]
     store.release(old)
     store.sync()
-    assert old.peft_name not in peft.peft_config  # type: ignore[operator]
+    assert old.version not in peft.peft_config  # type: ignore[operator]
     assert run(store, new, PROMPTS[1]) == bundle.v2_refs[1]
 
 

@@ -77,8 +77,8 @@ def test_adapters_reach_the_slots_without_peft(
     for name in SPECS:  # three adapters, two slots: loads, evictions and slot reuse
         lease = wait_acquire(store, name)
         assert store.model is base and not hasattr(base, "peft_config")  # PEFT never wrapped the base
-        assert slots.supports(lease.peft_name)
-        assert [slot_greedy(store.model, slots, lease.peft_name, p) for p in PROMPTS] == bundle.refs[name]
+        assert slots.supports(lease.version)
+        assert [slot_greedy(store.model, slots, lease.version, p) for p in PROMPTS] == bundle.refs[name]
         store.release(lease)
     assert [slot_greedy(store.model, slots, None, p) for p in PROMPTS] == bundle.base_refs
     # every adapter was prepared once, on a loader thread, never on this (the engine's) thread
@@ -93,16 +93,16 @@ def test_materialize_puts_a_slot_adapter_into_peft(
 ) -> None:
     store, slots = slot_store(max_gpu_adapters=2, max_cpu_adapters=0)  # no CPU copy: materialize re-reads
     lease = wait_acquire(store, "beta")
-    peft = store.materialize(lease.peft_name)
-    assert store.model is peft and lease.peft_name in peft.peft_config
+    peft = store.materialize(lease.version)
+    assert store.model is peft and lease.version in peft.peft_config
     slots.enabled = False  # PEFT's own forward: the reference
     try:
-        assert [greedy(peft, p, N_NEW, [lease.peft_name]) for p in PROMPTS] == bundle.refs["beta"]
+        assert [greedy(peft, p, N_NEW, [lease.version]) for p in PROMPTS] == bundle.refs["beta"]
     finally:
         slots.enabled = True
     # slot routing still works, with PEFT's layers switched off
-    assert [slot_greedy(peft, slots, lease.peft_name, p) for p in PROMPTS] == bundle.refs["beta"]
-    assert store.materialize(lease.peft_name) is peft  # idempotent
+    assert [slot_greedy(peft, slots, lease.version, p) for p in PROMPTS] == bundle.refs["beta"]
+    assert store.materialize(lease.version) is peft  # idempotent
     store.release(lease)
     with pytest.raises(KeyError):
         store.materialize("alpha@000000000000")
@@ -163,8 +163,8 @@ def test_listener_set_late_takes_resident_adapters(bundle: Bundle, tmp_path: Pat
         slots = SlotLoRA(store.model, num_slots=2, r_max=16, dtype=torch.float32, device=torch.device("cpu"))
         slots.enabled = True
         store.set_gpu_listener(slots)
-        assert slots.supports(lease.peft_name)
-        assert [slot_greedy(store.model, slots, lease.peft_name, p) for p in PROMPTS] == bundle.refs["alpha"]
+        assert slots.supports(lease.version)
+        assert [slot_greedy(store.model, slots, lease.version, p) for p in PROMPTS] == bundle.refs["alpha"]
         store.release(lease)
     finally:
         store.close()
@@ -199,22 +199,22 @@ def test_a_failing_slot_fill_falls_back_to_peft_and_leaves_the_slot_clean(
         slots.enabled = True
         store.set_gpu_listener(slots)
         lease = wait_acquire(store, "alpha")  # q and v of 2 layers: 4 layers, fits
-        assert slots.supports(lease.peft_name)
+        assert slots.supports(lease.version)
         store.release(lease)
         lease = wait_acquire(
             store, "beta"
         )  # all 7 projections: fills layer 0 down_proj (a new layer), fails on gate_proj
-        assert not slots.supports(lease.peft_name)
-        assert lease.peft_name in store.model.peft_config  # served by PEFT instead
+        assert not slots.supports(lease.version)
+        assert lease.version in store.model.peft_config  # served by PEFT instead
         slots.enabled = False
         try:
-            assert [greedy(store.model, p, N_NEW, [lease.peft_name]) for p in PROMPTS] == bundle.refs["beta"]
+            assert [greedy(store.model, p, N_NEW, [lease.version]) for p in PROMPTS] == bundle.refs["beta"]
         finally:
             slots.enabled = True
         store.release(lease)
         lease = wait_acquire(store, "alpha")  # back into the slot beta half-filled: nothing of beta left
-        assert slots.supports(lease.peft_name)
-        with slots.routing(torch.tensor([slots.slot_of(lease.peft_name)])):
+        assert slots.supports(lease.version)
+        with slots.routing(torch.tensor([slots.slot_of(lease.version)])):
             assert [greedy(store.model, p, N_NEW) for p in PROMPTS] == bundle.refs["alpha"]
         store.release(lease)
     finally:
@@ -258,7 +258,7 @@ def test_a_snapshot_build_holds_up_only_peft_promotions(
     store.load("biased", _bias_adapter(bundle, tmp_path / "adapters" / "biased"))
     with store._construct_lock:  # what a merged-snapshot build holds while it constructs its model
         lease = wait_acquire(store, "alpha")  # the slot path constructs nothing: no wait
-        assert slots.supports(lease.peft_name)
+        assert slots.supports(lease.version)
         with pytest.raises(TimeoutError):
             wait_acquire(store, "biased", timeout=1.0)  # PEFT's path must wait for the lock
     biased = wait_acquire(store, "biased")
