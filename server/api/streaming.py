@@ -61,6 +61,7 @@ class Choice:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied
     finish_reason: FinishReason | None = None
     error: EngineError | None = None
     text_offset: int = 0  # the stream's next text_offset (completions logprobs)
@@ -77,6 +78,7 @@ class Choice:
         if event.prompt_logprobs is not None:
             self.prompt_logprobs = event.prompt_logprobs
         self.completion_tokens = event.completion_tokens
+        self.cached_tokens = event.cached_tokens
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
             self.error = event.error
@@ -116,8 +118,12 @@ class Generation:
         return sum(c.completion_tokens for c in self.choices)
 
     @property
+    def cached_tokens(self) -> int:
+        return sum(c.cached_tokens for c in self.choices if c.counts_prompt)
+
+    @property
     def usage(self) -> Usage:
-        return Usage.of(self.prompt_tokens, self.completion_tokens)
+        return Usage.of(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
     def absorb(self, event: TokenEvent) -> Choice:
         choice = self._by_request[event.request_id]

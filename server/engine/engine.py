@@ -509,9 +509,9 @@ class AsyncEngine:
             m.on_step(self.model_id, batch.num_tokens)
         sampled = iter(range(len(output.token_ids)))  # StepOutput rows: the batch's sampling rows
         for i, seq in enumerate(batch.seqs):
-            prefill = batch.is_prefill(i)
+            prefill, samples = batch.is_prefill(i), batch.samples(i)
             seq.num_cached += batch.num_new_tokens[i]
-            if not batch.samples(i):  # a prompt chunk short of the end: nothing to say yet
+            if not samples:  # a prompt chunk short of the end: nothing to say yet
                 continue
             k = next(sampled)
             token = output.token_ids[k]

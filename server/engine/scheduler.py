@@ -193,6 +193,11 @@ class Scheduler:
                 rows.append(seq)
                 sizes.append(chunk)
                 budget -= chunk
+        if result.preempted:  # blocks are short: admitting now would only preempt again
+            self._deferred = set()
+            if rows:
+                result.batch = Batch(seqs=rows, num_new_tokens=sizes)
+            return result
         for seq, chunk in self._admit(now, budget, alone=not rows, failed=result.failed):
             rows.append(seq)
             sizes.append(chunk)

@@ -3,8 +3,9 @@ prometheus_client's own parser holds every family issue 18 lists with vLLM's typ
 boundaries (the tables below are vLLM's, from its vllm/v1/metrics/loggers.py), and each counter moved by
 what happened: tokens as the API's usage reports them, one admission rejection per 429, request
 histograms once per finished request. A second server holds one adapter per step, so a request for a
-second adapter waits "deferred" while the first runs "pinned". Families whose events cannot happen before
-engine v2 (prefix cache, preemption) exist and stay 0."""
+second adapter waits "deferred" while the first runs "pinned". The traffic server runs with
+``--no-prefix-caching`` and one sequence at a time, so the prefix-cache and preemption families exist and
+stay 0 there, and every prompt token is computed (tests/integration/test_prefix_cache.py counts hits)."""
 
 from __future__ import annotations
 
@@ -182,7 +183,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     process = start_server(
         tmp_path_factory.mktemp("metrics"),
         [
-            *("--max-num-seqs", "1", "--max-queue", "1"),
+            *("--max-num-seqs", "1", "--max-queue", "1", "--no-prefix-caching"),
             *("--max-model-len", str(MAX_MODEL_LEN), "--max-gpu-adapters", str(MAX_GPU_ADAPTERS)),
         ],
     )
@@ -252,16 +253,16 @@ def test_family_has_vllms_type_labels_and_buckets(traffic: Traffic, name: str) -
         assert bounds == [*map(float, buckets), float("inf")]
 
 
-def test_cache_config_info_carries_the_slot_kv_geometry(traffic: Traffic) -> None:
+def test_cache_config_info_carries_the_paged_kv_geometry(traffic: Traffic) -> None:
     family = traffic.after["vllm:cache_config_info"]
     assert family.type == "gauge"
     assert family.labels >= CACHE_CONFIG_LABELS and "model_name" not in family.labels
     ((_, labels), value), *others = family.samples.items()
     assert not others and value == 1
     info = dict(labels)
-    # one block = one KV slot of the whole context: --max-model-len tokens, --max-num-seqs of them
-    assert info["block_size"] == str(MAX_MODEL_LEN)
-    assert info["num_gpu_blocks"] == "1"
+    # paged blocks of 16 tokens; on the CPU the default budget is --max-num-seqs (1) whole contexts
+    assert info["block_size"] == "16"
+    assert info["num_gpu_blocks"] == str(MAX_MODEL_LEN // 16)
     assert info["kv_cache_size_tokens"] == str(MAX_MODEL_LEN)
     assert int(info["kv_cache_memory_bytes"]) > 0
     assert info["enable_prefix_caching"] == "False" and info["engine"] == "0"
@@ -355,7 +356,7 @@ def test_request_histogram_sums_match_what_was_sent_and_answered(traffic: Traffi
         assert success == finished
 
 
-# -------------------------------------------------------------- what waits for engine v2 (issue 13)
+# -------------------------------------------------------------- prefix cache off, one sequence at a time
 
 
 @pytest.mark.parametrize(
@@ -369,7 +370,7 @@ def test_request_histogram_sums_match_what_was_sent_and_answered(traffic: Traffi
         ("vllm:request_num_preemptions", "vllm:request_num_preemptions_sum"),
     ],
 )
-def test_no_prefix_cache_and_no_preemption_yet_so_these_stay_zero(
+def test_with_prefix_caching_off_and_no_preemption_these_stay_zero(
     traffic: Traffic, family: str, sample: str
 ) -> None:
     assert traffic.after[family].samples, f"{family} has no series"

@@ -1,4 +1,5 @@
-"""Scheduler without a model: admission limits, skipping cold adapters, fairness, aborts, slot reuse."""
+"""Scheduler without a model: admission limits, skipping cold adapters, fairness, aborts, slot reuse, the
+shared token budget (decode rows first, then prompt chunks), paged KV blocks, preemption, prefix cache."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.types import (
+    Batch,
     AdapterUnavailableError,
     FinishReason,
     QueueFullError,
@@ -20,6 +22,15 @@ from server.engine.types import (
 @dataclass
 class FakeLease:
     adapter: str
+    on_snapshot: bool = False
+
+    @property
+    def version(self) -> str:
+        return f"{self.adapter}@v1"
+
+    @property
+    def digest(self) -> str:
+        return f"sha-{self.adapter}"
 
 
 class Adapters:
@@ -45,7 +56,14 @@ class Adapters:
 
 
 def make(
-    slots: int = 4, budget: int = 1000, loras: int = 2, queue: int = 100, ready: set[str] | None = None
+    slots: int = 4,
+    budget: int = 1000,
+    loras: int = 2,
+    queue: int = 100,
+    ready: set[str] | None = None,
+    blocks: int = 0,
+    block_size: int = 4,
+    prefix_caching: bool = True,
 ) -> tuple[Scheduler, Adapters]:
     adapters = Adapters(ready if ready is not None else {"a", "b", "c", "d"})
     config = SchedulerConfig(
@@ -54,8 +72,28 @@ def make(
         max_num_batched_tokens=budget,
         max_loras_per_batch=loras,
         max_queue=queue,
+        num_blocks=blocks,
+        block_size=block_size,
+        enable_prefix_caching=prefix_caching,
     )
     return Scheduler(config, adapters.acquire, adapters.release), adapters  # type: ignore[arg-type]
+
+
+def step(s: Scheduler, token: int = 7) -> Batch | None:
+    """Schedule and apply the step as the engine does: every row's tokens get KV, sampling rows a token."""
+    batch = s.schedule(0.0).batch
+    if batch is None:
+        return None
+    for i, q in enumerate(batch.seqs):
+        samples = batch.samples(i)
+        q.num_cached += batch.num_new_tokens[i]
+        if samples:
+            q.token_ids.append(token)
+    return batch
+
+
+def prefill_rows(batch: Batch | None) -> list[Sequence]:
+    return [] if batch is None else [q for i, q in enumerate(batch.seqs) if batch.is_prefill(i)]
 
 
 _ids = iter(range(10**9))
@@ -86,11 +124,13 @@ def test_empty_scheduler_has_no_step() -> None:
 def test_single_request_prefills_then_decodes() -> None:
     s, _ = make()
     s.add(q := seq())
-    first = s.schedule(0.0).batch
+    first = step(s)
     assert first is not None and first.kind == "prefill" and first.seqs == [q]
+    assert first.num_new_tokens == [4] and first.samples(0)
     assert q.status is SequenceStatus.RUNNING and q.slot == 0
-    second = s.schedule(0.0).batch
+    second = step(s)
     assert second is not None and second.kind == "decode" and second.seqs == [q]
+    assert second.num_new_tokens == [1]
 
 
 def test_slots_bound_admission_and_lowest_slot_is_reused() -> None:
@@ -98,33 +138,47 @@ def test_slots_bound_admission_and_lowest_slot_is_reused() -> None:
     seqs = [seq() for _ in range(3)]
     for q in seqs:
         s.add(q)
-    batch = s.schedule(0.0).batch
+    batch = step(s)
     assert batch is not None and len(batch) == 2
     assert sorted(q.slot for q in batch.seqs) == [0, 1]
     assert seqs[2].status is SequenceStatus.WAITING
     s.finish(seqs[0], FinishReason.STOP)
-    s.schedule(0.0)  # decode (prefill ran last)
-    batch = s.schedule(0.0).batch
-    assert batch is not None and batch.kind == "prefill" and batch.seqs == [seqs[2]]
+    batch = step(s)  # seqs[1] decodes, seqs[2] joins the same step
+    assert batch is not None and batch.kind == "mixed" and batch.seqs == [seqs[1], seqs[2]]
     assert seqs[2].slot == 0
 
 
 @pytest.mark.parametrize(
-    ("prompts", "budget", "admitted"),
+    ("prompts", "budget", "chunks"),
     [
-        ([10, 10, 10], 25, 2),
-        ([30], 25, 1),  # a prompt over the budget still runs, alone
-        ([30, 5], 25, 1),
-        ([5, 30, 5], 25, 2),  # the long one waits, the short one behind it goes
-        ([], 25, 0),
+        ([10, 10, 10], 25, [10, 10, 5]),  # the third prompt starts with what the budget leaves
+        ([30], 25, [25]),  # a long prompt is chunked
+        ([30, 5], 25, [25]),
+        ([5, 30, 5], 25, [5, 20]),
+        ([], 25, []),
     ],
 )
-def test_token_budget(prompts: list[int], budget: int, admitted: int) -> None:
+def test_token_budget_chunks_prompts(prompts: list[int], budget: int, chunks: list[int]) -> None:
     s, _ = make(slots=8, budget=budget)
     for n in prompts:
         s.add(seq(n))
     batch = s.schedule(0.0).batch
-    assert (0 if batch is None else len(batch)) == admitted
+    assert ([] if batch is None else batch.num_new_tokens) == chunks
+
+
+def test_a_chunked_prompt_continues_after_decode_rows_and_samples_at_its_end() -> None:
+    s, _ = make(slots=4, budget=8)
+    s.add(short := seq(3))
+    step(s)  # short prefilled
+    s.add(long := seq(20))
+    sizes: list[list[int]] = []
+    while long.in_prefill or long.num_output_tokens == 0:
+        batch = step(s)
+        assert batch is not None and batch.seqs[0] is short  # decode rows first, every step
+        assert batch.num_tokens <= 8
+        sizes.append(batch.num_new_tokens)
+    assert sizes == [[1, 7], [1, 7], [1, 6]]
+    assert long.num_output_tokens == 1
 
 
 def test_distinct_adapter_cap_skips_without_rejecting() -> None:
@@ -132,15 +186,13 @@ def test_distinct_adapter_cap_skips_without_rejecting() -> None:
     qa, qb, qc, qa2, qbase = seq(adapter="a"), seq(adapter="b"), seq(adapter="c"), seq(adapter="a"), seq()
     for q in (qa, qb, qc, qa2, qbase):
         s.add(q)
-    batch = s.schedule(0.0).batch
+    batch = step(s)
     assert batch is not None
     assert set(batch.seqs) == {qa, qb, qa2, qbase}
     assert qc.status is SequenceStatus.WAITING
     s.finish(qa, FinishReason.STOP)
     s.finish(qa2, FinishReason.STOP)
-    s.schedule(0.0)  # decode
-    batch = s.schedule(0.0).batch
-    assert batch is not None and batch.seqs == [qc]
+    assert prefill_rows(step(s)) == [qc]
 
 
 def test_cold_adapter_is_skipped_and_keeps_its_place() -> None:
@@ -148,13 +200,11 @@ def test_cold_adapter_is_skipped_and_keeps_its_place() -> None:
     cold, warm = seq(adapter="cold"), seq(adapter="a")
     s.add(cold)
     s.add(warm)
-    batch = s.schedule(0.0).batch
+    batch = step(s)
     assert batch is not None and batch.seqs == [warm]
     assert cold.status is SequenceStatus.WAITING and "cold" in adapters.asked
     adapters.ready.add("cold")
-    s.schedule(0.0)  # decode
-    batch = s.schedule(0.0).batch
-    assert batch is not None and batch.seqs == [cold]
+    assert prefill_rows(step(s)) == [cold]
 
 
 def test_broken_adapter_fails_only_its_request() -> None:
@@ -175,13 +225,11 @@ def test_tenant_fairness_orders_admission() -> None:
     hog = [seq(tenant="hog", t=float(i)) for i in range(3)]
     for q in hog[:2]:
         s.add(q)
-    s.schedule(0.0)  # hog holds two slots
+    step(s)  # hog holds two slots
     s.add(hog[2])
     late = seq(tenant="polite", t=100.0)
     s.add(late)
-    s.schedule(0.0)  # decode
-    batch = s.schedule(0.0).batch
-    assert batch is not None and batch.seqs == [late]
+    assert prefill_rows(step(s)) == [late]
 
 
 def test_queue_full_raises() -> None:
@@ -216,16 +264,122 @@ def test_finish_releases_lease_once() -> None:
     assert q.finish_reason is FinishReason.LENGTH
 
 
-def test_prefill_and_decode_alternate_under_constant_arrivals() -> None:
+def test_arrivals_join_the_running_decode_step() -> None:
     s, _ = make(slots=8)
     s.add(seq())
     kinds = []
-    for _ in range(6):
+    for _ in range(4):
         s.add(seq())
-        batch = s.schedule(0.0).batch
+        batch = step(s)
         assert batch is not None
         kinds.append(batch.kind)
-    assert kinds == ["prefill", "decode"] * 3
+        assert [batch.is_prefill(i) for i in range(len(batch))] == sorted(
+            batch.is_prefill(i) for i in range(len(batch))
+        )  # decode rows first
+    assert kinds == ["prefill", "mixed", "mixed", "mixed"]
+
+
+# ------------------------------------------------------------------ paged KV: blocks, preemption, prefix cache
+
+
+def test_admission_waits_for_free_blocks() -> None:
+    s, _ = make(slots=8, blocks=4, block_size=4)
+    first, second, third = seq(12), seq(12), seq(4)
+    for q in (first, second, third):
+        s.add(q)
+    batch = step(s)
+    # first takes 3 of 4 blocks, second starts with a chunk of the last one, third waits (no overtaking)
+    assert batch is not None and batch.seqs == [first, second] and batch.num_new_tokens == [12, 4]
+    assert third.status is SequenceStatus.WAITING and s.kv_cache_usage == 1.0
+
+
+def test_decode_preempts_the_newest_sequence_when_blocks_run_out() -> None:
+    s, _ = make(slots=8, blocks=4, block_size=4)
+    old, new = seq(4), seq(3)
+    s.add(old)
+    s.add(new)
+    step(s)  # old: 1 block (+1 token), new: 1 block
+    step(s)  # old grows to 2 blocks, new fills its block
+    for _ in range(3):
+        step(s)
+    # old has 9 tokens (3 blocks), new 8 (2 blocks, full at the end of last step): 5 > 4, the newest goes
+    result = s.schedule(0.0)
+    assert result.preempted == [new] and s.num_preemptions == 1
+    assert new.status is SequenceStatus.WAITING and s.waiting[0] is new
+    assert new.slot >= 0 and new.num_cached == 0 and new.block_table == []
+    assert result.batch is not None and result.batch.seqs == [old]
+
+
+def test_a_preempted_sequence_recomputes_its_tokens_and_keeps_its_output() -> None:
+    s, _ = make(slots=8, blocks=5, block_size=4, prefix_caching=False)
+    old, new = seq(8), seq(4)
+    s.add(old)
+    s.add(new)
+    step(s)
+    new.token_ids.extend([9, 9])  # pretend both decoded a while: new 7 tokens (2 blocks)
+    new.num_cached = new.num_tokens - 1
+    s.blocks.grow(new.request_id, new.num_tokens)
+    old.token_ids.extend([5] * 4)  # old 13 tokens, 12 with KV (3 blocks): 5 blocks taken
+    old.num_cached = 12
+    s.blocks.grow(old.request_id, 12)
+    batch = step(s)  # old needs a 4th block: new goes, and nothing is admitted in its place
+    assert batch is not None and batch.seqs == [old] and new.num_preemptions == 1
+    s.finish(old, FinishReason.STOP)
+    batch = step(s)
+    assert batch is not None and batch.seqs == [new] and batch.num_new_tokens == [7]
+    assert new.num_output_tokens == 4 and new.num_prompt_tokens == 4
+
+
+def test_a_repeated_prompt_starts_after_its_cached_blocks() -> None:
+    s, _ = make(slots=8, block_size=4)
+    s.add(first := seq(10))
+    step(s)
+    step(s)  # the next schedule commits first's full blocks
+    s.add(again := seq(10))
+    batch = step(s)
+    assert batch is not None and prefill_rows(batch) == [again]
+    assert batch.num_new_tokens[-1] == 2 and again.num_prefix_cached == 8
+    assert again.block_table[:2] == first.block_table[:2]
+    assert s.prefix_cache_stats.queries == 20 and s.prefix_cache_stats.hits == 8
+
+
+def test_adapters_never_share_cached_blocks() -> None:
+    s, _ = make(slots=8, block_size=4)
+    s.add(qa := seq(10, adapter="a"))
+    step(s)
+    step(s)
+    s.add(qb := seq(10, adapter="b"))
+    s.add(qbase := seq(10))
+    step(s)
+    assert qb.num_prefix_cached == 0 and qbase.num_prefix_cached == 0
+    assert not set(qa.block_table) & set(qb.block_table)
+
+
+def test_no_prefix_caching_never_hits() -> None:
+    s, _ = make(slots=8, block_size=4, prefix_caching=False)
+    s.add(seq(10))
+    step(s)
+    step(s)
+    s.add(again := seq(10))
+    step(s)
+    assert again.num_prefix_cached == 0 and s.prefix_cache_stats.queries == 0
+
+
+def test_prompt_logprobs_are_computed_whole_without_the_cache() -> None:
+    s, _ = make(slots=8, budget=8, block_size=4)
+    s.add(seq(10))
+    step(s)
+    step(s)
+    step(s)
+    q = seq(10)
+    q.sampling = SamplingParams(max_tokens=8, prompt_logprobs=1)
+    s.add(q)
+    batch = step(s)  # 1 decode row + 10 > 8: it waits for a step it can have whole
+    assert batch is not None and q not in batch.seqs
+    s.finish(batch.seqs[0], FinishReason.STOP)
+    batch = step(s)
+    assert batch is not None and batch.seqs == [q] and batch.num_new_tokens == [10]
+    assert q.num_prefix_cached == 0
 
 
 # ------------------------------------------------------------------ why a sequence waits (vLLM's reasons)
