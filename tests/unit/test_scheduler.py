@@ -9,8 +9,8 @@ import pytest
 
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.types import (
-    Batch,
     AdapterUnavailableError,
+    Batch,
     FinishReason,
     QueueFullError,
     SamplingParams,
