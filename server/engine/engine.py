@@ -506,7 +506,9 @@ class AsyncEngine:
         eos = self.runner.tokenizer.eos_token_ids
         m = self.metrics
         if m is not None:  # before any event goes out: a client that has its answer finds it counted
-            m.on_step(self.model_id, batch.num_tokens)
+            # vLLM's iteration tokens: prompt tokens computed plus tokens sampled
+            prefilled = sum(n for i, n in enumerate(batch.num_new_tokens) if batch.is_prefill(i))
+            m.on_step(self.model_id, prefilled + len(output.token_ids))
         sampled = iter(range(len(output.token_ids)))  # StepOutput rows: the batch's sampling rows
         for i, seq in enumerate(batch.seqs):
             prefill, samples = batch.is_prefill(i), batch.samples(i)

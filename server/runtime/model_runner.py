@@ -235,8 +235,8 @@ class ModelRunner:
         logit_row = {row: k for k, row in enumerate(sampling)}  # batch row -> row of ``logits``
         prompt_logprobs: list[tuple[PositionLogprobs, ...] | None] = [None] * len(seqs)
         for group in self._groups(seqs, range(len(seqs))):
-            lanes = self._lanes(group, seqs)
-            packed = _pack(lanes, batch, self.kv.block_size, self.kv.scratch)
+            lanes = self._lanes(group, batch)
+            packed = _pack(lanes, batch, self.kv)
             keep = packed.keep_columns(batch, lanes, sampling)  # [K] columns whose logits are read
             mask = self._masks.build(
                 packed.mask().to(self.device),
@@ -244,7 +244,7 @@ class ModelRunner:
                 packed.key_positions.to(self.device),
             )
             self.kv.placement = PagedPlacement(
-                write_slots=packed.write_slots.to(self.device), read_slots=packed.read_slots.to(self.device)
+                write_slots=packed.write_slots.to(self.device), read_blocks=packed.read_blocks.to(self.device)
             )
             out = self._forward(
                 group.model,
@@ -323,9 +323,15 @@ class ModelRunner:
                 groups.setdefault(id(snapshot), _Group(snapshot, [])).rows.append(row)
         return ([shared] if shared.rows else []) + list(groups.values())
 
-    def _lanes(self, group: _Group, seqs: list[Sequence]) -> list[_Lane]:
-        """One lane per adapter version among the group's rows (a snapshot's rows: one lane, no adapter)."""
-        if group.model is not self._shared_model:
+    def _lanes(self, group: _Group, batch: Batch) -> list[_Lane]:
+        """A decode step: one lane per sequence (each attends over its own blocks only). A step with prompt
+        chunks: one lane per adapter version among the group's rows, so no decode row is padded to a
+        chunk's width (a snapshot's rows: one lane, no adapter)."""
+        seqs = batch.seqs
+        shared = group.model is self._shared_model
+        if batch.kind == "decode":
+            return [_Lane(_version(seqs[r]) if shared else BASE_ADAPTER, [r]) for r in group.rows]
+        if not shared:
             return [_Lane(BASE_ADAPTER, list(group.rows))]
         lanes: dict[str, _Lane] = {}
         for row in group.rows:
@@ -479,23 +485,27 @@ def _snapshot(seq: Sequence) -> torch.nn.Module | None:
 
 @dataclass(slots=True)
 class _Packed:
-    """The host tensors of one packed forward: ``B`` lanes, ``S`` query columns, ``L`` key columns."""
+    """The host tensors of one packed forward: ``B`` lanes, ``S`` query columns, ``N`` blocks read per lane
+    (``L = N * block_size`` key columns)."""
 
     input_ids: torch.Tensor  # [B, S]
     positions: torch.Tensor  # [B, S] each token's position in its sequence
     segments: torch.Tensor  # [B, S] which sequence of the lane a query is (-1: padding)
     write_slots: torch.Tensor  # [B, S] flat KV slot each token writes (scratch: padding)
-    read_slots: torch.Tensor  # [B, L] flat KV slot of each key column (scratch: padding)
+    read_blocks: torch.Tensor  # [B, N] blocks the lane reads, its sequences' tables one after the other
     key_segments: torch.Tensor  # [B, L] (-2: padding)
     key_positions: torch.Tensor  # [B, L]
     starts: list[list[int]]  # per lane, the first column of each of its rows
 
     def mask(self) -> torch.Tensor:
         """[B, 1, S, L] bool: a query sees its own sequence's keys up to its position (block-diagonal
-        causal); padding queries see column 0 only, so no row is all -inf."""
+        causal; a block's columns past the sequence's end sit at later positions, so causality hides
+        them); padding queries see column 0 only, so no row is all -inf."""
         same = self.segments[:, :, None] == self.key_segments[:, None, :]
         causal = self.key_positions[:, None, :] <= self.positions[:, :, None]
-        pad = (self.segments < 0)[:, :, None] & (torch.arange(self.read_slots.shape[1]) == 0)[None, None, :]
+        pad = (self.segments < 0)[:, :, None] & (torch.arange(self.key_positions.shape[1]) == 0)[
+            None, None, :
+        ]
         return ((same & causal) | pad)[:, None]
 
     def keep_columns(self, batch: Batch, lanes: list[_Lane], sampling: list[int]) -> torch.Tensor:
@@ -513,41 +523,42 @@ class _Packed:
         return torch.tensor(sorted(wanted) or [0], dtype=torch.long)
 
 
-def _pack(lanes: list[_Lane], batch: Batch, block_size: int, scratch: int) -> _Packed:
+def _pack(lanes: list[_Lane], batch: Batch, kv: PagedKVCache) -> _Packed:
     """Lay out each lane's rows one after the other: tokens ``num_cached .. num_cached + n`` of each
-    sequence as queries, its tokens ``0 .. num_cached + n`` (through its block table) as keys."""
+    sequence as queries, the blocks holding its tokens ``0 .. num_cached + n`` as keys."""
+    bs = kv.block_size
+    ends = [batch.seqs[r].num_cached + batch.num_new_tokens[r] for r in range(len(batch.seqs))]
     widths = [sum(batch.num_new_tokens[r] for r in lane.rows) for lane in lanes]
-    key_lens = [sum(batch.seqs[r].num_cached + batch.num_new_tokens[r] for r in lane.rows) for lane in lanes]
-    b, s, length = len(lanes), max(widths), max(key_lens)
+    num_blocks = [sum(-(-ends[r] // bs) for r in lane.rows) for lane in lanes]
+    b, s, nb = len(lanes), max(widths), max(num_blocks)
     packed = _Packed(
         input_ids=torch.zeros(b, s, dtype=torch.long),
         positions=torch.zeros(b, s, dtype=torch.long),
         segments=torch.full((b, s), -1, dtype=torch.long),
-        write_slots=torch.full((b, s), scratch, dtype=torch.long),
-        read_slots=torch.full((b, length), scratch, dtype=torch.long),
-        key_segments=torch.full((b, length), -2, dtype=torch.long),
-        key_positions=torch.zeros(b, length, dtype=torch.long),
+        write_slots=torch.full((b, s), kv.scratch, dtype=torch.long),
+        read_blocks=torch.full((b, nb), kv.scratch_block, dtype=torch.long),
+        key_segments=torch.full((b, nb * bs), -2, dtype=torch.long),
+        key_positions=torch.zeros(b, nb * bs, dtype=torch.long),
         starts=[],
     )
     for i, lane in enumerate(lanes):
         q = k = 0
         starts: list[int] = []
         for j, row in enumerate(lane.rows):
-            seq, n = batch.seqs[row], batch.num_new_tokens[row]
-            begin, end = seq.num_cached, seq.num_cached + n
-            table = torch.tensor(seq.block_table, dtype=torch.long)
-            ctx = torch.arange(end)
-            slots = table[ctx // block_size] * block_size + ctx % block_size  # [end]
+            seq, n, end = batch.seqs[row], batch.num_new_tokens[row], ends[row]
+            begin, blocks = seq.num_cached, -(-end // bs)
+            table = torch.tensor(seq.block_table[:blocks], dtype=torch.long)
+            new = torch.arange(begin, end)
             packed.input_ids[i, q : q + n] = torch.tensor(seq.token_ids[begin:end])
-            packed.positions[i, q : q + n] = ctx[begin:]
+            packed.positions[i, q : q + n] = new
             packed.segments[i, q : q + n] = j
-            packed.write_slots[i, q : q + n] = slots[begin:]
-            packed.read_slots[i, k : k + end] = slots
-            packed.key_segments[i, k : k + end] = j
-            packed.key_positions[i, k : k + end] = ctx
+            packed.write_slots[i, q : q + n] = table[new // bs] * bs + new % bs
+            packed.read_blocks[i, k : k + blocks] = table
+            packed.key_segments[i, k * bs : (k + blocks) * bs] = j
+            packed.key_positions[i, k * bs : (k + blocks) * bs] = torch.arange(blocks * bs)
             starts.append(q)
             q += n
-            k += end
+            k += blocks
         packed.starts.append(starts)
     return packed
 
