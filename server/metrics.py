@@ -311,18 +311,18 @@ class Metrics:
         self.prompt_tokens_total = counter("vllm:prompt_tokens", "Number of prefill tokens processed.", m)
         self.prompt_tokens_by_source_total = counter(
             "vllm:prompt_tokens_by_source",
-            "Number of prompt tokens by source: local_compute = prefilled here; local_cache_hit and "
-            "external_kv_transfer stay 0 (no prefix cache, no KV connector).",
+            "Number of prompt tokens by source: local_compute = prefilled here; local_cache_hit = from the "
+            "prefix cache; external_kv_transfer stays 0 (no KV connector).",
             [*m, "source"],
         )
         self.prompt_tokens_cached_total = counter(
             "vllm:prompt_tokens_cached",
-            "Number of cached prompt tokens (local + external). Always 0: no prefix cache yet.",
+            "Number of cached prompt tokens (local + external).",
             m,
         )
         self.prompt_tokens_cached_by_source_total = counter(
             "vllm:prompt_tokens_cached_by_source",
-            "Number of cached prompt tokens by the tier their KV came from. Always 0: no prefix cache yet.",
+            "Number of cached prompt tokens by the tier their KV came from (device: the paged KV memory).",
             [*m, "source"],
         )
         self.generation_tokens_total = counter(
@@ -362,8 +362,7 @@ class Metrics:
         )
         self.request_prefill_kv_computed_tokens = histogram(
             "vllm:request_prefill_kv_computed_tokens",
-            "Histogram of new KV tokens computed during prefill (excluding cached tokens; with no prefix "
-            "cache, the whole prompt).",
+            "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
             m,
             tokens,
         )

@@ -44,6 +44,9 @@ log = logging.getLogger("loraserve.runtime")
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 MIN_KV_BUCKET = 32
 BLOCK_SIZE = 16
+# a packed forward's attention scores per head (lanes x query columns x key columns) above which a step's
+# decode rows run in a forward of their own (their lanes would otherwise attend over every prompt's keys)
+PACKED_ATTENTION_LIMIT = 1 << 20
 GPU_KV_FRACTION = 0.8  # of the device memory free after loading, when no --kv-cache-memory is given
 
 
@@ -227,46 +230,47 @@ class ModelRunner:
 
     def _packed_step(self, batch: Batch) -> StepOutput:
         """Batch -> StepOutput: every row's new tokens (a decode token or a prompt chunk) in one forward per
-        model, packed one sequence after another into one lane per adapter (no padding inside a lane),
-        with per-token positions; each lane's attention reads its sequences' blocks."""
+        model (two when packing would make attention too wide, see ``_plans``), packed one sequence after
+        another into lanes (no padding inside a lane), with per-token positions; each lane's attention
+        reads its sequences' blocks."""
         seqs = batch.seqs
         sampling = [i for i in range(len(seqs)) if batch.samples(i)]
         logits = torch.empty(len(sampling), self._vocab_size, dtype=torch.float32, device=self.device)
         logit_row = {row: k for k, row in enumerate(sampling)}  # batch row -> row of ``logits``
         prompt_logprobs: list[tuple[PositionLogprobs, ...] | None] = [None] * len(seqs)
         for group in self._groups(seqs, range(len(seqs))):
-            lanes = self._lanes(group, batch)
-            packed = _pack(lanes, batch, self.kv)
-            keep = packed.keep_columns(batch, lanes, sampling)  # [K] columns whose logits are read
-            mask = self._masks.build(
-                packed.mask().to(self.device),
-                packed.positions.to(self.device),
-                packed.key_positions.to(self.device),
-            )
-            self.kv.placement = PagedPlacement(
-                write_slots=packed.write_slots.to(self.device), read_blocks=packed.read_blocks.to(self.device)
-            )
-            out = self._forward(
-                group.model,
-                packed.input_ids,
-                packed.positions,
-                mask,
-                [lane.adapter for lane in lanes],
-                keep=keep,
-            )  # [B, K, V]
-            column = {int(c): k for k, c in enumerate(keep.tolist())}
-            for lane_idx, lane in enumerate(lanes):
-                for row, start in zip(lane.rows, packed.starts[lane_idx], strict=True):
-                    n = batch.num_new_tokens[row]
-                    if row in logit_row:
-                        logits[logit_row[row]] = out[lane_idx, column[start + n - 1]]
-                    if seqs[row].sampling.prompt_logprobs is not None and batch.is_prefill(row):
-                        cols = [column[c] for c in range(start, start + n)]
-                        prompt_logprobs[row] = self._prompt_logprobs(seqs[row], out[lane_idx, cols], n)
+            for lanes in self._plans(group, batch):
+                packed = _pack(lanes, batch, self.kv)
+                keep = packed.keep_columns(batch, lanes, sampling)  # [K] columns whose logits are read
+                out = self._forward_packed(group.model, packed, lanes, keep)  # [B, K, V]
+                column = {int(c): k for k, c in enumerate(keep.tolist())}
+                for lane_idx, lane in enumerate(lanes):
+                    for row, start in zip(lane.rows, packed.starts[lane_idx], strict=True):
+                        n = batch.num_new_tokens[row]
+                        if row in logit_row:
+                            logits[logit_row[row]] = out[lane_idx, column[start + n - 1]]
+                        if seqs[row].sampling.prompt_logprobs is not None and batch.is_prefill(row):
+                            cols = [column[c] for c in range(start, start + n)]
+                            prompt_logprobs[row] = self._prompt_logprobs(seqs[row], out[lane_idx, cols], n)
         slots = torch.tensor([seqs[i].slot for i in sampling], dtype=torch.long, device=self.device)
         output = self._sample([seqs[i] for i in sampling], logits, slots, list(range(len(sampling))))
         output.prompt_logprobs = prompt_logprobs if any(p is not None for p in prompt_logprobs) else []
         return output
+
+    def _forward_packed(
+        self, model: torch.nn.Module, packed: _Packed, lanes: list[_Lane], keep: torch.Tensor
+    ) -> torch.Tensor:
+        mask = self._masks.build(
+            packed.mask().to(self.device),
+            packed.positions.to(self.device),
+            packed.key_positions.to(self.device),
+        )
+        self.kv.placement = PagedPlacement(
+            write_slots=packed.write_slots.to(self.device), read_blocks=packed.read_blocks.to(self.device)
+        )
+        return self._forward(
+            model, packed.input_ids, packed.positions, mask, [lane.adapter for lane in lanes], keep=keep
+        )
 
     def _prompt_logprobs(
         self, seq: Sequence, logits: torch.Tensor, length: int
@@ -323,18 +327,35 @@ class ModelRunner:
                 groups.setdefault(id(snapshot), _Group(snapshot, [])).rows.append(row)
         return ([shared] if shared.rows else []) + list(groups.values())
 
-    def _lanes(self, group: _Group, batch: Batch) -> list[_Lane]:
-        """A decode step: one lane per sequence (each attends over its own blocks only). A step with prompt
-        chunks: one lane per adapter version among the group's rows, so no decode row is padded to a
-        chunk's width (a snapshot's rows: one lane, no adapter)."""
+    def _plans(self, group: _Group, batch: Batch) -> list[list[_Lane]]:
+        """The forwards of one group, each a list of lanes (batch rows). A decode step: one lane per
+        sequence (each attends over its own blocks only). A step with prompt chunks: one lane per adapter
+        version, decode rows and chunks together, so no decode row is padded to a chunk's width; but a
+        lane's attention is (its tokens) x (its sequences' keys), so when that passes
+        ``PACKED_ATTENTION_LIMIT`` the decode rows run in a forward of their own."""
+        rows = group.rows
+        decode = [r for r in rows if not batch.is_prefill(r)]
+        if len(decode) == len(rows):
+            return [self._lanes(group, batch, rows, per_row=True)]
+        packed = self._lanes(group, batch, rows, per_row=False)
+        if not decode or _attention_size(packed, batch, self.kv.block_size) <= PACKED_ATTENTION_LIMIT:
+            return [packed]
+        prefill = [r for r in rows if batch.is_prefill(r)]
+        return [
+            self._lanes(group, batch, decode, per_row=True),
+            self._lanes(group, batch, prefill, per_row=False),
+        ]
+
+    def _lanes(self, group: _Group, batch: Batch, rows: list[int], *, per_row: bool) -> list[_Lane]:
+        """``rows`` as lanes: one per row, or one per adapter version (a snapshot's rows: no adapter)."""
         seqs = batch.seqs
         shared = group.model is self._shared_model
-        if batch.kind == "decode":
-            return [_Lane(_version(seqs[r]) if shared else BASE_ADAPTER, [r]) for r in group.rows]
+        if per_row:
+            return [_Lane(_version(seqs[r]) if shared else BASE_ADAPTER, [r]) for r in rows]
         if not shared:
-            return [_Lane(BASE_ADAPTER, list(group.rows))]
+            return [_Lane(BASE_ADAPTER, list(rows))]
         lanes: dict[str, _Lane] = {}
-        for row in group.rows:
+        for row in rows:
             name = _version(seqs[row])
             lanes.setdefault(name, _Lane(name, [])).rows.append(row)
         return list(lanes.values())
@@ -521,6 +542,14 @@ class _Packed:
                 elif row in sampled:
                     wanted.add(start + n - 1)
         return torch.tensor(sorted(wanted) or [0], dtype=torch.long)
+
+
+def _attention_size(lanes: list[_Lane], batch: Batch, block_size: int) -> int:
+    """Attention scores per head of a packed forward over ``lanes`` (padded to the widest lane)."""
+    ends = {r: batch.seqs[r].num_cached + batch.num_new_tokens[r] for lane in lanes for r in lane.rows}
+    width = max(sum(batch.num_new_tokens[r] for r in lane.rows) for lane in lanes)
+    keys = max(sum(-(-ends[r] // block_size) * block_size for r in lane.rows) for lane in lanes)
+    return len(lanes) * width * keys
 
 
 def _pack(lanes: list[_Lane], batch: Batch, kv: PagedKVCache) -> _Packed:
