@@ -221,7 +221,17 @@ def graph_step_ms(runner: ModelRunner, rows: int, lora_slots: list[int], repeats
     graphs = runner.graphs
     if graphs is None:
         return float("nan")
-    decode_rows = [DecodeRow(slot=i, token=7 + i, position=200, lora_slot=lora_slots[i]) for i in range(rows)]
+    blocks = 256 // runner.kv.block_size  # each row its own 256 tokens of blocks
+    decode_rows = [
+        DecodeRow(
+            slot=i,
+            token=7 + i,
+            position=200,
+            lora_slot=lora_slots[i],
+            blocks=tuple(range(i * blocks, (i + 1) * blocks)),
+        )
+        for i in range(rows)
+    ]
     graphs.run(rows, 256, decode_rows, ALL_FEATURES)  # capture
     times = []
     for _ in range(repeats):

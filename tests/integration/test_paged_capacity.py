@@ -79,3 +79,68 @@ def test_the_slot_caches_budget_runs_four_times_more_256_token_sequences(demo_bu
         store.close()  # type: ignore[attr-defined]
     assert reasons == [FinishReason.LENGTH] * REQUESTS
     assert peak >= 4 * SLOTS_BEFORE
+
+
+def test_preempted_sequences_recompute_and_still_match_generate(demo_bundle) -> None:  # type: ignore[no-untyped-def]
+    """A pool of one 128-token context for four 70-token requests: running ones are preempted (newest
+    first) and recomputed, and each one's greedy tokens still equal plain PEFT ``generate``."""
+    import torch
+    from peft import PeftModel
+
+    from server.runtime.loader import ModelSpec, load_model
+
+    engine, store = build_engine(
+        Settings(
+            device="cpu",
+            model=str(demo_bundle.base),
+            adapter_dir=demo_bundle.adapters,
+            max_model_len=128,
+            max_num_seqs=4,
+            kv_cache_memory=1,  # the floor: one whole context (8 blocks of 16)
+            prefix_caching=False,
+        )
+    )
+    adapters = [None, *demo_bundle.adapter_names[:1]]
+    prompts = ["The cat sat on the mat and the dog", "Hello there, my friend", "The owl lives", "Where is it"]
+    requests = [
+        GenerationRequest(
+            request_id=uuid.uuid4().hex,
+            sampling=SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True),
+            prompt=p,
+            adapter=adapters[i % 2],
+        )
+        for i, p in enumerate(prompts)
+    ]
+
+    async def collect(req: GenerationRequest) -> list[int]:
+        tokens: list[int] = []
+        async for event in engine.submit(req):
+            tokens.extend(event.token_ids)
+        return tokens
+
+    async def main() -> list[list[int]]:
+        return list(await asyncio.gather(*(collect(r) for r in requests)))
+
+    engine.start()
+    try:
+        got = asyncio.run(main())
+        preemptions = engine.scheduler.num_preemptions
+        tokenizer = engine.runner.tokenizer
+    finally:
+        engine.stop()
+        store.close()  # type: ignore[attr-defined]
+    assert preemptions > 0
+    base = load_model(ModelSpec(source=str(demo_bundle.base)))
+    name = demo_bundle.adapter_names[0]
+    reference = PeftModel.from_pretrained(base, str(demo_bundle.adapters / name), adapter_name=name).eval()
+    for req, tokens in zip(requests, got, strict=True):
+        assert isinstance(req.prompt, str)
+        ids = torch.tensor([tokenizer.encode(req.prompt)])
+        with torch.inference_mode():
+            if req.adapter is None:
+                with reference.disable_adapter():
+                    out = reference.generate(ids, max_new_tokens=50, do_sample=False)
+            else:
+                out = reference.generate(ids, max_new_tokens=50, do_sample=False)
+        want = out[0, ids.shape[1] :].tolist()  # generate stops at EOS; the engine ignores it
+        assert tokens[: len(want)] == want, req.prompt
