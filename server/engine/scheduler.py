@@ -177,9 +177,9 @@ class Scheduler:
         rows: list[Sequence] = []
         sizes: list[int] = []
         budget = self.config.max_num_batched_tokens
+        # every decode row runs (a budget below --max-num-seqs would starve the last ones); what they
+        # leave of the budget goes to prompt chunks
         for seq in [s for s in self.running if not s.in_prefill]:
-            if budget <= 0:
-                break
             if seq.status is not SequenceStatus.RUNNING or not self._make_room(seq, seq.num_tokens, result):
                 continue
             rows.append(seq)

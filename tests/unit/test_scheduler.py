@@ -418,3 +418,16 @@ def test_a_deferred_sequence_stops_counting_once_admitted_or_aborted() -> None:
     adapters.ready.add("cold")
     s.schedule(0.0)
     assert s.num_deferred == 0 and cold.status is SequenceStatus.RUNNING
+
+
+def test_every_decode_row_runs_even_past_the_budget_and_chunks_wait() -> None:
+    s, _ = make(slots=8, budget=3)
+    running = [seq(2) for _ in range(4)]
+    for q in running:
+        s.add(q)
+    while any(q.in_prefill or q.num_output_tokens == 0 for q in running):
+        step(s)
+    s.add(late := seq(4))
+    batch = step(s)
+    assert batch is not None and batch.seqs == running  # 4 decode rows, over the budget of 3
+    assert late.status is SequenceStatus.WAITING
