@@ -3,6 +3,7 @@ shared token budget (decode rows first, then prompt chunks), paged KV blocks, pr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -422,12 +423,12 @@ def test_a_deferred_sequence_stops_counting_once_admitted_or_aborted() -> None:
 
 def test_every_decode_row_runs_even_past_the_budget_and_chunks_wait() -> None:
     s, _ = make(slots=8, budget=3)
-    running = [seq(2) for _ in range(4)]
+    running = [seq(1) for _ in range(3)]
     for q in running:
         s.add(q)
-    while any(q.in_prefill or q.num_output_tokens == 0 for q in running):
-        step(s)
+    step(s)  # three 1-token prompts: the whole budget
+    s.config = dataclasses.replace(s.config, max_num_batched_tokens=2)
     s.add(late := seq(4))
     batch = step(s)
-    assert batch is not None and batch.seqs == running  # 4 decode rows, over the budget of 3
+    assert batch is not None and batch.seqs == running  # 3 decode rows, over the budget of 2
     assert late.status is SequenceStatus.WAITING
