@@ -35,6 +35,7 @@ from server.engine.types import (
 from server.runtime.attention import MaskLayout
 from server.runtime.cuda_graphs import DecodeGraphs, DecodeRow
 from server.runtime.kv_cache import KVGeometry, PagedKVCache, PagedPlacement
+from server.runtime.packing import Lane, PackedStep, attention_size, pack_lanes
 from server.runtime.sampler import LogprobsMode, Sampler, SamplerOutput, position_logprobs
 from server.runtime.slot_lora import SlotLoRA
 from server.runtime.tokenizer import HFTokenizer
@@ -63,14 +64,6 @@ class _Group:
     """Rows of one step that run through the same model (the shared PEFT model or one snapshot)."""
 
     model: torch.nn.Module
-    rows: list[int]
-
-
-@dataclass(slots=True)
-class _Lane:
-    """One batch row of a packed forward: sequences (batch rows) on one adapter, one after the other."""
-
-    adapter: str  # the adapter version's name, or BASE_ADAPTER
     rows: list[int]
 
 
@@ -240,7 +233,7 @@ class ModelRunner:
         prompt_logprobs: list[tuple[PositionLogprobs, ...] | None] = [None] * len(seqs)
         for group in self._groups(seqs, range(len(seqs))):
             for lanes in self._plans(group, batch):
-                packed = _pack(lanes, batch, self.kv)
+                packed = pack_lanes(lanes, batch, self.kv)
                 keep = packed.keep_columns(batch, lanes, sampling)  # [K] columns whose logits are read
                 out = self._forward_packed(group.model, packed, lanes, keep)  # [B, K, V]
                 column = {int(c): k for k, c in enumerate(keep.tolist())}
@@ -258,7 +251,7 @@ class ModelRunner:
         return output
 
     def _forward_packed(
-        self, model: torch.nn.Module, packed: _Packed, lanes: list[_Lane], keep: torch.Tensor
+        self, model: torch.nn.Module, packed: PackedStep, lanes: list[Lane], keep: torch.Tensor
     ) -> torch.Tensor:
         mask = self._masks.build(
             packed.mask().to(self.device),
@@ -327,7 +320,7 @@ class ModelRunner:
                 groups.setdefault(id(snapshot), _Group(snapshot, [])).rows.append(row)
         return ([shared] if shared.rows else []) + list(groups.values())
 
-    def _plans(self, group: _Group, batch: Batch) -> list[list[_Lane]]:
+    def _plans(self, group: _Group, batch: Batch) -> list[list[Lane]]:
         """The forwards of one group, each a list of lanes (batch rows). A decode step: one lane per
         sequence (each attends over its own blocks only). A step with prompt chunks: one lane per adapter
         version, decode rows and chunks together, so no decode row is padded to a chunk's width; but a
@@ -338,7 +331,7 @@ class ModelRunner:
         if len(decode) == len(rows):
             return [self._lanes(group, batch, rows, per_row=True)]
         packed = self._lanes(group, batch, rows, per_row=False)
-        if not decode or _attention_size(packed, batch, self.kv.block_size) <= PACKED_ATTENTION_LIMIT:
+        if not decode or attention_size(packed, batch, self.kv.block_size) <= PACKED_ATTENTION_LIMIT:
             return [packed]
         prefill = [r for r in rows if batch.is_prefill(r)]
         return [
@@ -346,18 +339,18 @@ class ModelRunner:
             self._lanes(group, batch, prefill, per_row=False),
         ]
 
-    def _lanes(self, group: _Group, batch: Batch, rows: list[int], *, per_row: bool) -> list[_Lane]:
+    def _lanes(self, group: _Group, batch: Batch, rows: list[int], *, per_row: bool) -> list[Lane]:
         """``rows`` as lanes: one per row, or one per adapter version (a snapshot's rows: no adapter)."""
         seqs = batch.seqs
         shared = group.model is self._shared_model
         if per_row:
-            return [_Lane(_version(seqs[r]) if shared else BASE_ADAPTER, [r]) for r in rows]
+            return [Lane(_version(seqs[r]) if shared else BASE_ADAPTER, [r]) for r in rows]
         if not shared:
-            return [_Lane(BASE_ADAPTER, list(rows))]
-        lanes: dict[str, _Lane] = {}
+            return [Lane(BASE_ADAPTER, list(rows))]
+        lanes: dict[str, Lane] = {}
         for row in rows:
             name = _version(seqs[row])
-            lanes.setdefault(name, _Lane(name, [])).rows.append(row)
+            lanes.setdefault(name, Lane(name, [])).rows.append(row)
         return list(lanes.values())
 
     def _forward(
@@ -502,94 +495,6 @@ def _version(seq: Sequence) -> str:
 
 def _snapshot(seq: Sequence) -> torch.nn.Module | None:
     return None if seq.lease is None else _store_lease(seq.lease).snapshot
-
-
-@dataclass(slots=True)
-class _Packed:
-    """The host tensors of one packed forward: ``B`` lanes, ``S`` query columns, ``N`` blocks read per lane
-    (``L = N * block_size`` key columns)."""
-
-    input_ids: torch.Tensor  # [B, S]
-    positions: torch.Tensor  # [B, S] each token's position in its sequence
-    segments: torch.Tensor  # [B, S] which sequence of the lane a query is (-1: padding)
-    write_slots: torch.Tensor  # [B, S] flat KV slot each token writes (scratch: padding)
-    read_blocks: torch.Tensor  # [B, N] blocks the lane reads, its sequences' tables one after the other
-    key_segments: torch.Tensor  # [B, L] (-2: padding)
-    key_positions: torch.Tensor  # [B, L]
-    starts: list[list[int]]  # per lane, the first column of each of its rows
-
-    def mask(self) -> torch.Tensor:
-        """[B, 1, S, L] bool: a query sees its own sequence's keys up to its position (block-diagonal
-        causal; a block's columns past the sequence's end sit at later positions, so causality hides
-        them); padding queries see column 0 only, so no row is all -inf."""
-        same = self.segments[:, :, None] == self.key_segments[:, None, :]
-        causal = self.key_positions[:, None, :] <= self.positions[:, :, None]
-        pad = (self.segments < 0)[:, :, None] & (torch.arange(self.key_positions.shape[1]) == 0)[
-            None, None, :
-        ]
-        return ((same & causal) | pad)[:, None]
-
-    def keep_columns(self, batch: Batch, lanes: list[_Lane], sampling: list[int]) -> torch.Tensor:
-        """The query columns whose logits the step needs: each sampling row's last token, every column of
-        a row asking for prompt logprobs."""
-        wanted: set[int] = set()
-        sampled = set(sampling)
-        for lane, starts in zip(lanes, self.starts, strict=True):
-            for row, start in zip(lane.rows, starts, strict=True):
-                n = batch.num_new_tokens[row]
-                if batch.seqs[row].sampling.prompt_logprobs is not None and batch.is_prefill(row):
-                    wanted.update(range(start, start + n))
-                elif row in sampled:
-                    wanted.add(start + n - 1)
-        return torch.tensor(sorted(wanted) or [0], dtype=torch.long)
-
-
-def _attention_size(lanes: list[_Lane], batch: Batch, block_size: int) -> int:
-    """Attention scores per head of a packed forward over ``lanes`` (padded to the widest lane)."""
-    ends = {r: batch.seqs[r].num_cached + batch.num_new_tokens[r] for lane in lanes for r in lane.rows}
-    width = max(sum(batch.num_new_tokens[r] for r in lane.rows) for lane in lanes)
-    keys = max(sum(-(-ends[r] // block_size) * block_size for r in lane.rows) for lane in lanes)
-    return len(lanes) * width * keys
-
-
-def _pack(lanes: list[_Lane], batch: Batch, kv: PagedKVCache) -> _Packed:
-    """Lay out each lane's rows one after the other: tokens ``num_cached .. num_cached + n`` of each
-    sequence as queries, the blocks holding its tokens ``0 .. num_cached + n`` as keys."""
-    bs = kv.block_size
-    ends = [batch.seqs[r].num_cached + batch.num_new_tokens[r] for r in range(len(batch.seqs))]
-    widths = [sum(batch.num_new_tokens[r] for r in lane.rows) for lane in lanes]
-    num_blocks = [sum(-(-ends[r] // bs) for r in lane.rows) for lane in lanes]
-    b, s, nb = len(lanes), max(widths), max(num_blocks)
-    packed = _Packed(
-        input_ids=torch.zeros(b, s, dtype=torch.long),
-        positions=torch.zeros(b, s, dtype=torch.long),
-        segments=torch.full((b, s), -1, dtype=torch.long),
-        write_slots=torch.full((b, s), kv.scratch, dtype=torch.long),
-        read_blocks=torch.full((b, nb), kv.scratch_block, dtype=torch.long),
-        key_segments=torch.full((b, nb * bs), -2, dtype=torch.long),
-        key_positions=torch.zeros(b, nb * bs, dtype=torch.long),
-        starts=[],
-    )
-    for i, lane in enumerate(lanes):
-        q = k = 0
-        starts: list[int] = []
-        for j, row in enumerate(lane.rows):
-            seq, n, end = batch.seqs[row], batch.num_new_tokens[row], ends[row]
-            begin, blocks = seq.num_cached, -(-end // bs)
-            table = torch.tensor(seq.block_table[:blocks], dtype=torch.long)
-            new = torch.arange(begin, end)
-            packed.input_ids[i, q : q + n] = torch.tensor(seq.token_ids[begin:end])
-            packed.positions[i, q : q + n] = new
-            packed.segments[i, q : q + n] = j
-            packed.write_slots[i, q : q + n] = table[new // bs] * bs + new % bs
-            packed.read_blocks[i, k : k + blocks] = table
-            packed.key_segments[i, k * bs : (k + blocks) * bs] = j
-            packed.key_positions[i, k * bs : (k + blocks) * bs] = torch.arange(blocks * bs)
-            starts.append(q)
-            q += n
-            k += blocks
-        packed.starts.append(starts)
-    return packed
 
 
 def _is_peft(model: torch.nn.Module) -> bool:

@@ -1,0 +1,111 @@
+"""A step's rows packed into lanes: the host-side layout of one packed (varlen) forward.
+
+A lane is one batch row of the forward: sequences on one adapter, their new tokens one after the other
+(no padding inside a lane), each with its position, attending over the blocks that hold its own tokens
+under a block-diagonal causal mask. Lanes are padded to the widest lane only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.types import Batch
+from server.runtime.kv_cache import PagedKVCache
+
+
+@dataclass(slots=True)
+class Lane:
+    """One batch row of a packed forward: sequences (batch rows) on one adapter, one after the other."""
+
+    adapter: str  # the adapter version's name, or BASE_ADAPTER
+    rows: list[int]
+
+
+@dataclass(slots=True)
+class PackedStep:
+    """The host tensors of one packed forward: ``B`` lanes, ``S`` query columns, ``N`` blocks read per lane
+    (``L = N * block_size`` key columns)."""
+
+    input_ids: torch.Tensor  # [B, S]
+    positions: torch.Tensor  # [B, S] each token's position in its sequence
+    segments: torch.Tensor  # [B, S] which sequence of the lane a query is (-1: padding)
+    write_slots: torch.Tensor  # [B, S] flat KV slot each token writes (scratch: padding)
+    read_blocks: torch.Tensor  # [B, N] blocks the lane reads, its sequences' tables one after the other
+    key_segments: torch.Tensor  # [B, L] (-2: padding)
+    key_positions: torch.Tensor  # [B, L]
+    starts: list[list[int]]  # per lane, the first column of each of its rows
+
+    def mask(self) -> torch.Tensor:
+        """[B, 1, S, L] bool: a query sees its own sequence's keys up to its position (block-diagonal
+        causal; a block's columns past the sequence's end sit at later positions, so causality hides
+        them); padding queries see column 0 only, so no row is all -inf."""
+        same = self.segments[:, :, None] == self.key_segments[:, None, :]
+        causal = self.key_positions[:, None, :] <= self.positions[:, :, None]
+        pad = (self.segments < 0)[:, :, None] & (torch.arange(self.key_positions.shape[1]) == 0)[
+            None, None, :
+        ]
+        return ((same & causal) | pad)[:, None]
+
+    def keep_columns(self, batch: Batch, lanes: list[Lane], sampling: list[int]) -> torch.Tensor:
+        """The query columns whose logits the step needs: each sampling row's last token, every column of
+        a row asking for prompt logprobs."""
+        wanted: set[int] = set()
+        sampled = set(sampling)
+        for lane, starts in zip(lanes, self.starts, strict=True):
+            for row, start in zip(lane.rows, starts, strict=True):
+                n = batch.num_new_tokens[row]
+                if batch.seqs[row].sampling.prompt_logprobs is not None and batch.is_prefill(row):
+                    wanted.update(range(start, start + n))
+                elif row in sampled:
+                    wanted.add(start + n - 1)
+        return torch.tensor(sorted(wanted) or [0], dtype=torch.long)
+
+
+def attention_size(lanes: list[Lane], batch: Batch, block_size: int) -> int:
+    """Attention scores per head of a packed forward over ``lanes`` (padded to the widest lane)."""
+    ends = {r: batch.seqs[r].num_cached + batch.num_new_tokens[r] for lane in lanes for r in lane.rows}
+    width = max(sum(batch.num_new_tokens[r] for r in lane.rows) for lane in lanes)
+    keys = max(sum(-(-ends[r] // block_size) * block_size for r in lane.rows) for lane in lanes)
+    return len(lanes) * width * keys
+
+
+def pack_lanes(lanes: list[Lane], batch: Batch, kv: PagedKVCache) -> PackedStep:
+    """Lay out each lane's rows one after the other: tokens ``num_cached .. num_cached + n`` of each
+    sequence as queries, the blocks holding its tokens ``0 .. num_cached + n`` as keys."""
+    bs = kv.block_size
+    ends = [batch.seqs[r].num_cached + batch.num_new_tokens[r] for r in range(len(batch.seqs))]
+    widths = [sum(batch.num_new_tokens[r] for r in lane.rows) for lane in lanes]
+    num_blocks = [sum(-(-ends[r] // bs) for r in lane.rows) for lane in lanes]
+    b, s, nb = len(lanes), max(widths), max(num_blocks)
+    packed = PackedStep(
+        input_ids=torch.zeros(b, s, dtype=torch.long),
+        positions=torch.zeros(b, s, dtype=torch.long),
+        segments=torch.full((b, s), -1, dtype=torch.long),
+        write_slots=torch.full((b, s), kv.scratch, dtype=torch.long),
+        read_blocks=torch.full((b, nb), kv.scratch_block, dtype=torch.long),
+        key_segments=torch.full((b, nb * bs), -2, dtype=torch.long),
+        key_positions=torch.zeros(b, nb * bs, dtype=torch.long),
+        starts=[],
+    )
+    for i, lane in enumerate(lanes):
+        q = k = 0
+        starts: list[int] = []
+        for j, row in enumerate(lane.rows):
+            seq, n, end = batch.seqs[row], batch.num_new_tokens[row], ends[row]
+            begin, blocks = seq.num_cached, -(-end // bs)
+            table = torch.tensor(seq.block_table[:blocks], dtype=torch.long)
+            new = torch.arange(begin, end)
+            packed.input_ids[i, q : q + n] = torch.tensor(seq.token_ids[begin:end])
+            packed.positions[i, q : q + n] = new
+            packed.segments[i, q : q + n] = j
+            packed.write_slots[i, q : q + n] = table[new // bs] * bs + new % bs
+            packed.read_blocks[i, k : k + blocks] = table
+            packed.key_segments[i, k * bs : (k + blocks) * bs] = j
+            packed.key_positions[i, k * bs : (k + blocks) * bs] = torch.arange(blocks * bs)
+            starts.append(q)
+            q += n
+            k += blocks
+        packed.starts.append(starts)
+    return packed
