@@ -48,6 +48,7 @@ BLOCK_SIZE = 16
 # a packed forward's attention scores per head (lanes x query columns x key columns) above which a step's
 # decode rows run in a forward of their own (their lanes would otherwise attend over every prompt's keys)
 PACKED_ATTENTION_LIMIT = 1 << 20
+PADDING_SPLIT = 1.5  # packed (padded) tokens over the split forwards' tokens above which a step splits
 GPU_KV_FRACTION = 0.8  # of the device memory free after loading, when no --kv-cache-memory is given
 
 
@@ -323,21 +324,27 @@ class ModelRunner:
     def _plans(self, group: _Group, batch: Batch) -> list[list[Lane]]:
         """The forwards of one group, each a list of lanes (batch rows). A decode step: one lane per
         sequence (each attends over its own blocks only). A step with prompt chunks: one lane per adapter
-        version, decode rows and chunks together, so no decode row is padded to a chunk's width; but a
-        lane's attention is (its tokens) x (its sequences' keys), so when that passes
-        ``PACKED_ATTENTION_LIMIT`` the decode rows run in a forward of their own."""
+        version, decode rows and chunks together, in one forward. Its decode rows run in a forward of
+        their own instead when packing costs more than the second forward: a lane's attention is (its
+        tokens) x (its sequences' keys), past ``PACKED_ATTENTION_LIMIT``; or lanes of other adapters are
+        padded to the chunk's width, past ``PADDING_SPLIT`` times the tokens of the two forwards."""
         rows = group.rows
         decode = [r for r in rows if not batch.is_prefill(r)]
         if len(decode) == len(rows):
             return [self._lanes(group, batch, rows, per_row=True)]
         packed = self._lanes(group, batch, rows, per_row=False)
-        if not decode or attention_size(packed, batch, self.kv.block_size) <= PACKED_ATTENTION_LIMIT:
+        if not decode:
             return [packed]
         prefill = [r for r in rows if batch.is_prefill(r)]
-        return [
+        split = [
             self._lanes(group, batch, decode, per_row=True),
             self._lanes(group, batch, prefill, per_row=False),
         ]
+        too_wide = attention_size(packed, batch, self.kv.block_size) > PACKED_ATTENTION_LIMIT
+        # several adapters: every lane is padded to the one holding a chunk; past a point the padding costs
+        # more than a second forward
+        padded = _padded_tokens(packed, batch) > PADDING_SPLIT * sum(_padded_tokens(p, batch) for p in split)
+        return split if too_wide or padded else [packed]
 
     def _lanes(self, group: _Group, batch: Batch, rows: list[int], *, per_row: bool) -> list[Lane]:
         """``rows`` as lanes: one per row, or one per adapter version (a snapshot's rows: no adapter)."""
@@ -475,6 +482,11 @@ class ModelRunner:
         peft_names = [BASE_ADAPTER if ok else name for name, ok in zip(adapter_names, slotted, strict=True)]
         with slot_lora.routing(row_slots, peft_rows=True):
             yield peft_names
+
+
+def _padded_tokens(lanes: list[Lane], batch: Batch) -> int:
+    """Token rows a forward over ``lanes`` computes, padding included."""
+    return len(lanes) * max(sum(batch.num_new_tokens[r] for r in lane.rows) for lane in lanes)
 
 
 def _adapter_key(version: str) -> str | None:

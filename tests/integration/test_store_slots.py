@@ -135,19 +135,17 @@ def test_refused_adapter_runs_on_peft_beside_slot_rows(
     store.load("biased", folder)
     biased = wait_acquire(store, "biased")
     alpha = wait_acquire(store, "alpha")
-    assert not slots.supports(biased.peft_name) and slots.supports(alpha.peft_name)
+    assert not slots.supports(biased.version) and slots.supports(alpha.version)
     peft = store.model
-    assert biased.peft_name in getattr(peft, "peft_config", {})  # refused by the slots: in the PeftModel
-    assert alpha.peft_name not in peft.peft_config
+    assert biased.version in getattr(peft, "peft_config", {})  # refused by the slots: in the PeftModel
+    assert alpha.version not in peft.peft_config
     # both adapters in one batch (the runner's routing): alpha through its slot, biased through PEFT
     for prompt, want_biased, want_alpha in zip(PROMPTS, want, bundle.refs["alpha"], strict=True):
         ids = [list(prompt), list(prompt)]
         for _ in range(N_NEW):
-            rows = torch.tensor([slots.base_slot, slots.slot_of(alpha.peft_name)])
+            rows = torch.tensor([slots.base_slot, slots.slot_of(alpha.version)])
             with slots.routing(rows, peft_rows=True):
-                logits = peft(
-                    input_ids=torch.tensor(ids), adapter_names=[biased.peft_name, "__base__"]
-                ).logits
+                logits = peft(input_ids=torch.tensor(ids), adapter_names=[biased.version, "__base__"]).logits
             for row, token in zip(ids, logits[:, -1].argmax(-1).tolist(), strict=True):
                 row.append(token)
         assert ids[0][len(prompt) :] == want_biased
@@ -234,19 +232,19 @@ def test_cpu_tier_keeps_only_the_slot_form(
     assert not held["alpha"].state_dict and slots.serves(held["alpha"].prepared)  # slot form only
     assert held["biased"].state_dict and not slots.serves(held["biased"].prepared)  # PEFT needs it
     # materialize reads alpha's files again, and refuses if they changed in between
-    peft = store.materialize(leases["alpha"].peft_name)
+    peft = store.materialize(leases["alpha"].version)
     slots.enabled = False
     try:
-        assert [greedy(peft, p, N_NEW, [leases["alpha"].peft_name]) for p in PROMPTS] == bundle.refs["alpha"]
+        assert [greedy(peft, p, N_NEW, [leases["alpha"].version]) for p in PROMPTS] == bundle.refs["alpha"]
     finally:
         slots.enabled = True
     beta = wait_acquire(store, "beta")
     weights = tmp_path / "adapters" / "beta" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # same size, other bytes
     with pytest.raises(AdapterLoadError, match="changed on disk") as refused:
-        store.materialize(beta.peft_name)
+        store.materialize(beta.version)
     assert refused.value.status == 409
-    assert slots.supports(beta.peft_name) and beta.peft_name not in peft.peft_config  # nothing half-done
+    assert slots.supports(beta.version) and beta.version not in peft.peft_config  # nothing half-done
     for lease in (*leases.values(), beta):
         store.release(lease)
 
@@ -262,6 +260,6 @@ def test_a_snapshot_build_holds_up_only_peft_promotions(
         with pytest.raises(TimeoutError):
             wait_acquire(store, "biased", timeout=1.0)  # PEFT's path must wait for the lock
     biased = wait_acquire(store, "biased")
-    assert biased.peft_name in store.model.peft_config
+    assert biased.version in store.model.peft_config
     store.release(lease)
     store.release(biased)

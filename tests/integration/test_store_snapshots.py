@@ -81,7 +81,7 @@ def test_snapshot_build_use_retire(snap_store: Callable[..., AdapterStore], bund
     lease = wait_acquire(store, "alpha")
     assert lease.snapshot is not None and lease.digest == unmerged.digest
     assert unmerged.snapshot is None and run(store, unmerged, PROMPTS[0]) == bundle.refs["alpha"][0]
-    drift = measure_drift(store.model, lease.peft_name, lease.snapshot, PROMPTS, new_tokens=8)
+    drift = measure_drift(store.model, lease.version, lease.snapshot, PROMPTS, new_tokens=8)
     # NF4 re-quantization after merging: small logit drift (~0.1 here). This random-weight model has
     # nearly flat logits, so greedy ties flip easily; the trained demo's agreement is in the benchmark.
     assert 0 < drift.max_abs_logit_diff < 0.5 and drift.token_agreement >= 0.5, drift
