@@ -68,7 +68,9 @@ def _call_schema(functions: list[FunctionSpec], arguments_key: str) -> dict[str,
 
 
 def _json_rule(schema: dict[str, Any]) -> str:
-    return f"%json {json.dumps(schema, sort_keys=True)}"
+    # compact JSON (no free whitespace): a tiny model would otherwise pad until max_tokens
+    compact = {**schema, "x-guidance": {"whitespace_flexible": False}}
+    return f"%json {json.dumps(compact, sort_keys=True)}"
 
 
 def _to_call(item: Any, arguments_keys: tuple[str, ...]) -> ToolCall | None:
