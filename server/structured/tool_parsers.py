@@ -70,7 +70,7 @@ def _call_schema(functions: list[FunctionSpec], arguments_key: str) -> dict[str,
 def _json_rule(schema: dict[str, Any]) -> str:
     # compact JSON (no free whitespace): a tiny model would otherwise pad until max_tokens
     compact = {**schema, "x-guidance": {"whitespace_flexible": False}}
-    return f"%json {json.dumps(compact, sort_keys=True)}"
+    return f"%json {json.dumps(compact)}"  # property order kept: a call names its function first
 
 
 def _to_call(item: Any, arguments_keys: tuple[str, ...]) -> ToolCall | None:
