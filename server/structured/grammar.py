@@ -169,6 +169,9 @@ class GrammarCompiler:
         prototype = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if prototype.is_error():
             raise InvalidRequestError(f"{spec.param}: {_short(prototype.get_error())}", param=spec.param)
+        # The first mask of a grammar builds its lexer (milliseconds): here, on the worker thread, not on
+        # the engine's first step with it.
+        prototype.compute_bitmask()
         with self._lock:
             self.compiles += 1
             self._cache[key] = prototype
