@@ -70,6 +70,8 @@ class OutputConstraints:
         spec, checks = self.grammar_for(body)
         if spec is None and not checks:
             return
+        if spec is not None:
+            refuse_early_stops(body)
         compiler = self.compiler
         if compiler is None:
             raise InvalidRequestError(
@@ -85,3 +87,21 @@ class OutputConstraints:
                     request.constraint = compiler.compile(spec)
 
         await asyncio.get_running_loop().run_in_executor(self.pool, compile_all)
+
+
+def refuse_early_stops(body: GenerationFields) -> None:
+    """A stop string or stop token would end a constrained output wherever it matched, mid-object too, and
+    the answer would still say ``stop``: the promise that such an answer parses. The grammar decides where a
+    constrained output ends (at its own end, or at ``max_tokens`` as ``length``), so the two are refused
+    together."""
+    if body.stop:
+        raise InvalidRequestError(
+            "stop cannot be combined with a structured output or a forced tool call: the grammar ends the output",
+            param="stop",
+        )
+    if body.stop_token_ids:
+        raise InvalidRequestError(
+            "stop_token_ids cannot be combined with a structured output or a forced tool call: the grammar "
+            "ends the output",
+            param="stop_token_ids",
+        )
