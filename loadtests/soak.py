@@ -604,6 +604,8 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
     samples = summary["rss_samples"]
     ax_rss.plot([t / 60 for t, _ in samples], [b / 2**20 for _, b in samples])
     ax_rss.axvline(summary["config"]["warmup"] / 60, color="grey", linestyle="--", label="end of warm-up")
+    limit = summary["rss_mib"]["after_warmup"] * (1 + summary["config"]["max_rss_growth"])
+    ax_rss.axhline(limit, color="red", linestyle=":", label="growth limit over the warm-up baseline")
     ax_rss.set_ylabel("server RSS (MiB)")
     ax_rss.legend()
     buckets: dict[str, Counter[int]] = {}
