@@ -554,7 +554,7 @@ def summarize(state: SoakState, args: argparse.Namespace, leftover: dict[str, in
     }
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+        "machine": {"cpus": os.cpu_count(), "platform": sys.platform, "cpu": _cpu_model()},
         "checks": checks,
         "passed": all(checks.values()),
         "requests": dict(kinds),
@@ -565,6 +565,7 @@ def summarize(state: SoakState, args: argparse.Namespace, leftover: dict[str, in
         "rss_growth": round(growth, 4),
         "server_leftover": leftover,
         "probes": len(state.probes),
+        "probed_versions": len({p.digest for p in state.probes}),  # None (the base) counts as one
         "probe_mismatches": mismatched,
         "probes_failed": failed_probes[:50],
         "admin_failed": failed_admin[:50],
@@ -580,6 +581,12 @@ def summarize(state: SoakState, args: argparse.Namespace, leftover: dict[str, in
             for o in state.outcomes
         ],
     }
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
 
 
 def _stream_ok(outcome: Outcome, state: SoakState) -> bool:
