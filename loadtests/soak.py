@@ -72,7 +72,9 @@ class Outcome:
 
     kind: str  # "stream", "malformed:<case>", "probe", "admin:<op>"
     start: float  # seconds since the run started
-    status: str = ""  # HTTP status, "done", "disconnect", "no_done", "timeout", a transport error
+    # HTTP status, "done", "disconnect", "no_done", "timeout", "stream_error:<error type>", a transport error
+    status: str = ""
+    model: str = ""
     e2e: float | None = None
     detail: str = ""
 
@@ -96,6 +98,9 @@ class SoakState:
     rss: list[tuple[float, int]] = field(default_factory=list)  # (s, bytes)
     versions: dict[str, Path] = field(default_factory=dict)  # digest -> frozen copy of that version
     digests: dict[str, str] = field(default_factory=dict)  # adapter -> current digest
+    # (adapter, unload sent, load answered): requests for it that overlap may get a 404
+    unload_windows: list[tuple[str, float, float]] = field(default_factory=list)
+    capped_arrivals: int = 0  # arrivals that waited for the client's in-flight cap
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -197,7 +202,7 @@ def _prompt(rng: random.Random) -> str:
 async def stream_one(
     client: httpx.AsyncClient, state: SoakState, model: str, rng: random.Random, disconnect: bool
 ) -> None:
-    outcome = Outcome("stream", state.now())
+    outcome = Outcome("stream", state.now(), model=model)
     state.outcomes.append(outcome)
     body = {
         "model": model,
@@ -208,6 +213,7 @@ async def stream_one(
     }
     hang_up_after = rng.randint(1, 4) if disconnect else None
     chunks = 0
+    error_type: str | None = None  # an error chunk mid-stream: the stream's outcome, whatever follows
     sent = time.monotonic()
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -220,14 +226,14 @@ async def stream_one(
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    outcome.status = "done"
+                    outcome.status = "done" if error_type is None else f"stream_error:{error_type}"
                     return
                 chunk = json.loads(data)
-                if "error" in chunk:
-                    outcome.status = "stream_error"
+                if "error" in chunk and error_type is None:
+                    error_type = str(chunk["error"].get("type"))
                     outcome.detail = str(chunk["error"])[:200]
                 chunks += 1
-                if hang_up_after is not None and chunks >= hang_up_after:
+                if hang_up_after is not None and chunks >= hang_up_after and error_type is None:
                     outcome.status = "disconnect"
                     return
             outcome.status = "no_done"
@@ -306,7 +312,7 @@ async def malformed_one(client: httpx.AsyncClient, state: SoakState, rng: random
 async def probe(
     client: httpx.AsyncClient, state: SoakState, adapter: str | None, base: str, prompt: str
 ) -> None:
-    outcome = Outcome("probe", state.now())
+    outcome = Outcome("probe", state.now(), model=adapter or base)
     state.outcomes.append(outcome)
     body = {"model": adapter or base, "prompt": prompt, "max_tokens": PROBE_TOKENS, "temperature": 0.0}
     sent = time.monotonic()
@@ -326,7 +332,7 @@ async def probe(
 
 
 async def admin(client: httpx.AsyncClient, state: SoakState, op: str, body: dict[str, str]) -> dict[str, Any]:
-    outcome = Outcome(f"admin:{op}", state.now())
+    outcome = Outcome(f"admin:{op}", state.now(), model=body["lora_name"])
     state.outcomes.append(outcome)
     sent = time.monotonic()
     try:
@@ -376,11 +382,13 @@ async def control(
                 await probe(client, state, name, base, rng.choice(PROBE_PROMPTS))
             # an unload/load cycle of another adapter (requests for it meanwhile get 404)
             other = rng.choice([n for n in names if n != name])
+            unload_sent = state.now()
             await admin(client, state, "unload", {"lora_name": other})
             await asyncio.sleep(rng.uniform(0.5, 3.0))
             answer = await admin(
                 client, state, "load", {"lora_name": other, "lora_path": str(adapter_dir / other)}
             )
+            state.unload_windows.append((other, unload_sent, state.now()))
             if answer:
                 state.digests[other] = answer["adapter"]["digest"]
         if state.now() >= next_probe:
@@ -433,6 +441,8 @@ async def run(
         in_flight = asyncio.Semaphore(args.max_in_flight)
 
         async def arrival() -> None:
+            if in_flight.locked():
+                state.capped_arrivals += 1
             async with in_flight:
                 if rng.random() < args.malformed_fraction:
                     await malformed_one(client, state, rng, base)
@@ -510,7 +520,12 @@ def compute_references(state: SoakState, base_path: Path, quantization: str) -> 
 
 def summarize(state: SoakState, args: argparse.Namespace, leftover: dict[str, int]) -> dict[str, Any]:
     statuses = Counter(o.status for o in state.outcomes)
-    server_errors = [asdict(o) for o in state.outcomes if o.status.startswith("5")]
+    # a 5xx, or a stream that reported a server error mid-way (the streaming form of a 5xx)
+    server_errors = [
+        asdict(o)
+        for o in state.outcomes
+        if o.status.startswith("5") or o.status == "stream_error:server_error"
+    ]
     hung = [asdict(o) for o in state.outcomes if o.status in ("", "no_done", "timeout")]
     unexpected = [
         asdict(o)
@@ -524,17 +539,22 @@ def summarize(state: SoakState, args: argparse.Namespace, leftover: dict[str, in
     final = sum(tail) / len(tail) if tail else last
     growth = final / baseline - 1.0 if baseline else math.inf
     mismatched = [asdict(p) for p in state.probes if p.reference != p.text]
+    failed_probes = [asdict(o) for o in state.outcomes if o.kind == "probe" and o.status != "200"]
+    failed_admin = [asdict(o) for o in state.outcomes if o.kind.startswith("admin:") and o.status != "200"]
+    refused_streams = [asdict(o) for o in state.outcomes if o.kind == "stream" and not _stream_ok(o, state)]
     kinds = Counter(o.kind.split(":")[0] for o in state.outcomes)
     checks = {
         "no_5xx": not server_errors,
         "no_hung_requests": not hung and leftover == {"running": 0, "waiting": 0},
         "malformed_all_4xx": not unexpected,
+        "valid_streams_refused_only_while_unloaded": not refused_streams,
+        "admin_ops_all_200": not failed_admin,
         "rss_growth_under_limit": growth < args.max_rss_growth,
-        "probes_equal_reference": bool(state.probes) and not mismatched,
+        "probes_equal_reference": bool(state.probes) and not mismatched and not failed_probes,
     }
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+        "machine": {"cpus": os.cpu_count(), "platform": sys.platform, "cpu": _cpu_model()},
         "checks": checks,
         "passed": all(checks.values()),
         "requests": dict(kinds),
@@ -545,7 +565,13 @@ def summarize(state: SoakState, args: argparse.Namespace, leftover: dict[str, in
         "rss_growth": round(growth, 4),
         "server_leftover": leftover,
         "probes": len(state.probes),
+        "probed_versions": len({p.digest for p in state.probes}),  # None (the base) counts as one
         "probe_mismatches": mismatched,
+        "probes_failed": failed_probes[:50],
+        "admin_failed": failed_admin[:50],
+        "streams_refused": refused_streams[:50],
+        "unload_windows": [(a, round(t0, 2), round(t1, 2)) for a, t0, t1 in state.unload_windows],
+        "arrivals_capped_by_client": state.capped_arrivals,
         "server_errors": server_errors[:50],
         "hung": hung[:50],
         "malformed_not_4xx": unexpected[:50],
@@ -555,6 +581,24 @@ def summarize(state: SoakState, args: argparse.Namespace, leftover: dict[str, in
             for o in state.outcomes
         ],
     }
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+
+
+def _stream_ok(outcome: Outcome, state: SoakState) -> bool:
+    """A valid stream may end only in ``[DONE]``, a hang-up of ours, or (a 404 or an error naming the request)
+    while its adapter was between an admin unload and the load that follows it."""
+    if outcome.status in ("done", "disconnect"):
+        return True
+    refused = outcome.status == "404" or outcome.status == "stream_error:invalid_request_error"
+    end = outcome.start + (outcome.e2e or 0.0)
+    return refused and any(
+        a == outcome.model and outcome.start <= t1 and end >= t0 for a, t0, t1 in state.unload_windows
+    )
 
 
 def write_plot(summary: dict[str, Any], path: Path) -> None:
@@ -567,6 +611,8 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
     samples = summary["rss_samples"]
     ax_rss.plot([t / 60 for t, _ in samples], [b / 2**20 for _, b in samples])
     ax_rss.axvline(summary["config"]["warmup"] / 60, color="grey", linestyle="--", label="end of warm-up")
+    limit = summary["rss_mib"]["after_warmup"] * (1 + summary["config"]["max_rss_growth"])
+    ax_rss.axhline(limit, color="red", linestyle=":", label="growth limit over the warm-up baseline")
     ax_rss.set_ylabel("server RSS (MiB)")
     ax_rss.legend()
     buckets: dict[str, Counter[int]] = {}

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
         "raw_logprobs",
         description="logprobs of the model's logits (vLLM's default) or of the distribution sampled from",
     )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        "auto",
+        description="how the model writes tool calls (vLLM's names); auto: detected from the chat template",
+    )
 
     # ---- adapters
     adapter_dir: Path | None = Field(None, description="folder of adapter folders (name = folder name)")

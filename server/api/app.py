@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from server.api import admin_routes, openai_routes
 from server.api.auth import MetricsDep, load_api_keys
 from server.api.errors import ApiError, BodyLimitMiddleware, install_error_handlers
+from server.api.output_constraints import OutputConstraints
 from server.config import Settings
 from server.engine.engine import AsyncEngine
 from server.metrics import Metrics
@@ -69,6 +70,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.keyring = keyring
     app.state.started_at = int(time.time())
+    app.state.output_constraints = OutputConstraints.for_engine(engine, settings.tool_call_parser)
 
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)

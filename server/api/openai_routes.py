@@ -21,6 +21,7 @@ from sse_starlette import EventSourceResponse
 
 from server.api.auth import Tenant, TenantDep
 from server.api.errors import ApiError
+from server.api.output_constraints import OutputConstraints
 from server.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -197,6 +198,11 @@ async def _generate(
     return JSONResponse(fmt.response(g).model_dump(mode="json"), headers=headers)
 
 
+def _constraints(request: Request) -> OutputConstraints:
+    constraints: OutputConstraints = request.app.state.output_constraints
+    return constraints
+
+
 def _style(engine: AsyncEngine, body: GenerationFields) -> LogprobStyle:
     return LogprobStyle(
         token_text=lambda token_id: engine.token_texts([token_id])[0],
@@ -217,6 +223,7 @@ async def create_completion(request: Request, tenant: TenantDep, engine: EngineD
     with _as_api_error():
         # CompletionRequest -> GenerationRequests (one per choice)
         requests = body.to_generation_requests(response_id, adapter=adapter, tenant=tenant.name)
+        await _constraints(request).attach(body, requests)  # compiled off the event loop
     fmt = CompletionFormat(
         logprobs=body.logprobs,
         echo=bool(body.echo),
@@ -240,10 +247,14 @@ async def create_chat_completion(request: Request, tenant: TenantDep, engine: En
     with _as_api_error():
         # ChatCompletionRequest -> GenerationRequests (one per choice)
         requests = body.to_generation_requests(response_id, adapter=adapter, tenant=tenant.name)
+        constraints = _constraints(request)
+        await constraints.attach(body, requests)  # compiled off the event loop
     fmt = ChatFormat(
         logprobs=bool(body.logprobs),
         style=_style(engine, body),
         prompt_logprobs=body.prompt_logprobs is not None,
+        tool_parser=constraints.parser if body.uses_tools else None,
+        forced_tool_call=body.forces_tool_call,
     )
     return await _generate(request, engine, tenant, body, requests, response_id, fmt)
 

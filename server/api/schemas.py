@@ -18,6 +18,16 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from server.api.constraints import (
+    MAX_TOOLS,
+    NamedToolChoice,
+    ResponseFormatIn,
+    StructuredOutputsIn,
+    ToolChoice,
+    ToolIn,
+    check_choices,
+    output_grammar,
+)
 from server.engine.types import (
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_ENTRIES,
@@ -31,7 +41,10 @@ from server.engine.types import (
     GenerationRequest,
     InvalidRequestError,
     SamplingParams,
+    ToolCall,
 )
+from server.structured.grammar import MAX_CHOICES as MAX_GRAMMAR_CHOICES
+from server.structured.grammar import GrammarSpec
 
 MAX_JSON_DEPTH = 32
 MAX_MODEL_NAME_CHARS = 256
@@ -169,27 +182,34 @@ class GenerationFields(BaseModel):
     include_stop_str_in_output: bool | None = None
     return_tokens_as_token_ids: bool | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    # structured outputs (vLLM's names; another module implements them): refused until then
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
+    # structured outputs (server/api/constraints.py): OpenAI's response_format, vLLM's structured_outputs
+    # and its older guided_* names
+    response_format: ResponseFormatIn | None = None
+    structured_outputs: StructuredOutputsIn | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(None, min_length=1)
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHOICES)
+    guided_grammar: str | None = Field(None, min_length=1)
     guided_decoding_backend: Any = None
     guided_whitespace_pattern: Any = None
-    structured_outputs: Any = None
-    response_format: Any = None
 
     # field -> the values that mean "not used"
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "guided_json": (None,),
-        "guided_regex": (None,),
-        "guided_choice": (None,),
-        "guided_grammar": (None,),
-        "guided_decoding_backend": (None,),
+        "guided_decoding_backend": (None, "auto", "llguidance"),  # llguidance is the only backend
         "guided_whitespace_pattern": (None,),
-        "structured_outputs": (None,),
-        "response_format": (None, {"type": "text"}),
     }
+
+    _check_guided_choice = field_validator("guided_choice")(check_choices)
+
+    def output_grammar(self) -> GrammarSpec | None:
+        """The grammar the output must match (at most one source), or None."""
+        guided = {
+            "json": self.guided_json,
+            "regex": self.guided_regex,
+            "choice": self.guided_choice,
+            "grammar": self.guided_grammar,
+        }
+        return output_grammar(self.response_format, self.structured_outputs, guided)
 
     @field_validator("stop")
     @classmethod
@@ -265,6 +285,7 @@ class GenerationFields(BaseModel):
                 f"{self.num_choices} choices requested (prompts x n); at most {MAX_CHOICES} are allowed",
                 param="n",
             )
+        self.output_grammar()  # a malformed or doubled constraint: 400 before anything is compiled
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -401,19 +422,52 @@ class CompletionRequest(GenerationFields):
         return self.to_generation_requests(request_id, adapter=adapter, tenant=tenant)[0]
 
 
-class ChatMessageIn(BaseModel):
-    """One chat message. ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts;
-    ``developer`` is read as ``system``. Tool and function messages are not supported."""
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=1 << 16)  # JSON text, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            raise PydanticCustomError("arguments", "arguments must be a JSON object as text") from None
+        if not isinstance(parsed, dict):
+            raise PydanticCustomError("arguments", "arguments must be a JSON object as text")
+        return value
+
+
+class ToolCallIn(BaseModel):
+    """A call an assistant message of the history made."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Any
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class ChatMessageIn(BaseModel):
+    """One chat message. ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts;
+    ``developer`` is read as ``system``. An assistant message may carry ``tool_calls`` (its content may then
+    be null); a ``tool`` message answers the call ``tool_call_id``."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None
     name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(None, min_length=1, max_length=256)
 
     @field_validator("content")
     @classmethod
-    def _text_only(cls, value: Any) -> str:
+    def _text_only(cls, value: Any) -> str | None:
+        if value is None:
+            return None
         if isinstance(value, str):
             return value
         if isinstance(value, list) and value:
@@ -431,8 +485,34 @@ class ChatMessageIn(BaseModel):
             return "".join(texts)
         raise PydanticCustomError("text_only", "content must be a string or a non-empty list of text parts")
 
+    def check(self, index: int, tool_names: set[str]) -> None:
+        """What one message's fields cannot check alone: content present unless an assistant calls
+        tools, a tool message names its call, a call in the history names an offered function."""
+        at = f"messages[{index}]"
+        if self.role == "tool" and self.tool_call_id is None:
+            raise InvalidRequestError("a tool message needs tool_call_id", param=f"{at}.tool_call_id")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise InvalidRequestError("only assistant messages carry tool_calls", param=f"{at}.tool_calls")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise InvalidRequestError(f"{at}.content is required", param=f"{at}.content")
+        for j, call in enumerate(self.tool_calls or []):
+            if call.function.name not in tool_names:
+                raise InvalidRequestError(
+                    f"the tool call names {call.function.name!r}, which is not in tools",
+                    param=f"{at}.tool_calls[{j}].function.name",
+                )
+
     def to_chat_message(self) -> ChatMessage:
-        return ChatMessage(role="system" if self.role == "developer" else self.role, content=self.content)
+        calls = tuple(
+            ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+            for c in self.tool_calls or ()
+        )
+        return ChatMessage(
+            role="system" if self.role == "developer" else self.role,
+            content=self.content or "",
+            tool_calls=calls,
+            tool_call_id=self.tool_call_id,
+        )
 
 
 class ChatCompletionRequest(GenerationFields):
@@ -443,8 +523,9 @@ class ChatCompletionRequest(GenerationFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[ToolIn] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -454,8 +535,6 @@ class ChatCompletionRequest(GenerationFields):
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
         **GenerationFields.UNSUPPORTED,
-        "tools": (None, []),
-        "tool_choice": (None, "none", "auto"),
         "functions": (None, []),
         "function_call": (None, "none", "auto"),
         "audio": (None,),
@@ -476,12 +555,38 @@ class ChatCompletionRequest(GenerationFields):
         super().check_supported(max_model_len)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs: true", param="top_logprobs")
+        names = {t.function.name for t in self.tools or ()}
+        for i, message in enumerate(self.messages):
+            message.check(i, names)
+        if self.forces_tool_call:
+            if not self.tools:
+                raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
+            if self.output_grammar() is not None:
+                raise InvalidRequestError(
+                    "a forced tool call cannot be combined with an output format", param="tool_choice"
+                )
+
+    @property
+    def uses_tools(self) -> bool:
+        """Tools are offered and may be called: the reply is parsed for tool calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """``tools`` as the chat template's ``tools`` argument (None when not offered or ``none``)."""
+        if not self.uses_tools:
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools or ()]
 
     def to_generation_requests(
         self, request_id: str, *, adapter: str | None, tenant: str
     ) -> list[GenerationRequest]:
         """ChatCompletionRequest -> one GenerationRequest per choice (id ``{request_id}-{index}``)."""
         messages = [m.to_chat_message() for m in self.messages]
+        tools = self.template_tools()
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return [
             GenerationRequest(
@@ -492,6 +597,7 @@ class ChatCompletionRequest(GenerationFields):
                 messages=messages,
                 adapter=adapter,
                 tenant=tenant,
+                tools=tools,
             )
             for j in range(self.n_choices)
         ]
@@ -505,7 +611,7 @@ class ChatCompletionRequest(GenerationFields):
 
 # ----------------------------------------------------------------------------------------- responses
 
-OpenAIFinishReason = Literal["stop", "length", "abort"]
+OpenAIFinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 def openai_finish_reason(reason: FinishReason) -> OpenAIFinishReason:
@@ -583,10 +689,26 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = Field(default=None, exclude_if=_none)
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+    @classmethod
+    def of(cls, call: ToolCall) -> ToolCallOut:
+        return cls(id=call.id, function=FunctionCallOut(name=call.name, arguments=call.arguments))
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCallOut] | None = Field(default=None, exclude_if=_none)
 
 
 class TopLogprob(BaseModel):
@@ -623,9 +745,25 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_none)
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(default=None, exclude_if=_none)
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of one tool call in a stream: the first piece of call ``index`` carries its id and name,
+    the following ones more of its arguments."""
+
+    index: int
+    id: str | None = Field(default=None, exclude_if=_none)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_none)
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = Field(default=None, exclude_if=_none)
     content: str | None = Field(default=None, exclude_if=_none)
+    tool_calls: list[ToolCallDelta] | None = Field(default=None, exclude_if=_none)
 
 
 class ChatChunkChoice(BaseModel):

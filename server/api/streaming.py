@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
 from sse_starlette import ServerSentEvent
@@ -32,13 +32,18 @@ from server.api.schemas import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    FunctionCallDelta,
+    OpenAIFinishReason,
     PromptLogprob,
     PromptLogprobs,
+    ToolCallDelta,
+    ToolCallOut,
     TopLogprob,
     Usage,
     openai_finish_reason,
 )
 from server.engine.types import EngineError, FinishReason, TokenEvent, TokenLogprobs
+from server.structured.tool_parsers import ParsedOutput, ToolParser
 
 if TYPE_CHECKING:
     from server.engine.engine import AsyncEngine, RequestStream
@@ -46,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("loraserve.requests")
 
 DONE = "[DONE]"
+ARGUMENT_PIECE_CHARS = 16  # a streamed tool call's arguments go out in pieces of this many characters
 
 
 @dataclass(slots=True)
@@ -65,6 +71,7 @@ class Choice:
     finish_reason: FinishReason | None = None
     error: EngineError | None = None
     text_offset: int = 0  # the stream's next text_offset (completions logprobs)
+    streamed_chars: int = 0  # how much of the text a chat stream has sent as content (tool calls hold some)
     started: bool = False  # the stream sent something of this choice
 
     @property
@@ -166,8 +173,8 @@ class ResponseFormat(Protocol):
 
     def opening_chunks(self, g: Generation) -> list[BaseModel]: ...
 
-    def chunk(self, g: Generation, choice: Choice, event: TokenEvent) -> BaseModel | None:
-        """The chunk for ``event`` of ``choice`` (already absorbed), or None when it has nothing to send."""
+    def chunks(self, g: Generation, choice: Choice, event: TokenEvent) -> Sequence[BaseModel]:
+        """The chunks for ``event`` of ``choice`` (already absorbed): none when it has nothing to send."""
         ...
 
     def usage_chunk(self, g: Generation) -> BaseModel: ...
@@ -242,7 +249,11 @@ class CompletionFormat:
     def opening_chunks(self, g: Generation) -> list[BaseModel]:
         return []
 
-    def chunk(self, g: Generation, choice: Choice, event: TokenEvent) -> CompletionResponse | None:
+    def chunks(self, g: Generation, choice: Choice, event: TokenEvent) -> list[CompletionResponse]:
+        chunk = self._chunk(g, choice, event)
+        return [] if chunk is None else [chunk]
+
+    def _chunk(self, g: Generation, choice: Choice, event: TokenEvent) -> CompletionResponse | None:
         first = not choice.started
         echo = self.echo and first
         text = (choice.prompt_text if echo else "") + event.text
@@ -305,21 +316,42 @@ class ChatFormat:
     """``chat.completion`` and ``chat.completion.chunk`` objects; the first chunk of each choice carries
     the role. With ``logprobs`` each token comes with OpenAI's ``ChatCompletionTokenLogprob``."""
 
-    def __init__(self, *, logprobs: bool, style: LogprobStyle, prompt_logprobs: bool) -> None:
+    def __init__(
+        self,
+        *,
+        logprobs: bool,
+        style: LogprobStyle,
+        prompt_logprobs: bool,
+        tool_parser: ToolParser | None = None,
+        forced_tool_call: bool = False,
+    ) -> None:
         self.logprobs = logprobs
         self.style = style
         self.prompt_logprobs = prompt_logprobs
+        self.tool_parser = tool_parser  # set when the request offers tools: replies are parsed for calls
+        self.forced_tool_call = forced_tool_call  # the grammar forces a call: a stream holds all text back
+
+    def _parsed(self, c: Choice) -> ParsedOutput:
+        # A reply that ends with ``stop`` is parsed for tool calls; one cut short (``length``) stays text.
+        if self.tool_parser is None or c.finish_reason is not FinishReason.STOP:
+            return ParsedOutput(c.text, ())
+        return self.tool_parser.parse(c.text)
+
+    def _finish_reason(self, c: Choice, parsed: ParsedOutput) -> OpenAIFinishReason:
+        assert c.finish_reason is not None
+        return "tool_calls" if parsed.tool_calls else openai_finish_reason(c.finish_reason)
 
     def response(self, g: Generation) -> ChatCompletionResponse:
         choices = []
         for c in g.choices:
-            assert c.finish_reason is not None
+            parsed = self._parsed(c)
+            calls = [ToolCallOut.of(call) for call in parsed.tool_calls] or None
             choices.append(
                 ChatChoice(
                     index=c.index,
-                    message=ChatMessageOut(content=c.text),
+                    message=ChatMessageOut(content=parsed.content, tool_calls=calls),
                     logprobs=self._logprobs(c.logprobs),
-                    finish_reason=openai_finish_reason(c.finish_reason),
+                    finish_reason=self._finish_reason(c, parsed),
                 )
             )
         return ChatCompletionResponse(
@@ -342,22 +374,70 @@ class ChatFormat:
             for c in g.choices
         ]
 
-    def chunk(self, g: Generation, choice: Choice, event: TokenEvent) -> ChatCompletionChunk | None:
+    def chunks(self, g: Generation, choice: Choice, event: TokenEvent) -> list[ChatCompletionChunk]:
         wants_logprobs = self.logprobs and bool(event.logprobs)
         prompt_logprobs = self._prompt_logprobs(event.prompt_logprobs)
-        if not (event.text or event.finished or wants_logprobs or prompt_logprobs):
-            return None
+        text, calls, reason = self._stream_step(choice, event)
+        if not (text or calls or event.finished or wants_logprobs or prompt_logprobs):
+            return []
         choice.started = True
-        reason = None if event.finish_reason is None else openai_finish_reason(event.finish_reason)
-        item = ChatChunkChoice(
-            index=choice.index,
-            delta=ChatDelta(content=event.text or None),
-            logprobs=self._logprobs(event.logprobs) if wants_logprobs else None,
-            finish_reason=reason,
-        )
-        return ChatCompletionChunk(
-            id=g.request_id, created=g.created, model=g.model, choices=[item], prompt_logprobs=prompt_logprobs
-        )
+
+        def chunk(delta: ChatDelta, **extra: Any) -> ChatCompletionChunk:
+            item = ChatChunkChoice(index=choice.index, delta=delta, **extra)
+            return ChatCompletionChunk(id=g.request_id, created=g.created, model=g.model, choices=[item])
+
+        out = [
+            chunk(
+                ChatDelta(content=text or None),
+                logprobs=self._logprobs(event.logprobs) if wants_logprobs else None,
+            )
+        ]
+        out[0].prompt_logprobs = prompt_logprobs
+        for delta in calls:
+            out.append(chunk(ChatDelta(tool_calls=[delta])))
+        if reason is not None:
+            if calls or len(out) > 1:
+                out.append(chunk(ChatDelta(), finish_reason=reason))
+            else:
+                out[0].choices[0].finish_reason = reason
+        if not (text or wants_logprobs or prompt_logprobs) and len(out) > 1:
+            out.pop(0)  # nothing but tool calls: no empty content chunk before them
+        return out
+
+    def _stream_step(
+        self, choice: Choice, event: TokenEvent
+    ) -> tuple[str, list[ToolCallDelta], OpenAIFinishReason | None]:
+        """(content to send now, tool-call deltas, finish reason) for one event of a chat stream. With tools,
+        text from where a call may start is held back until the reply ends and is parsed."""
+        if self.tool_parser is None:
+            reason = None if event.finish_reason is None else openai_finish_reason(event.finish_reason)
+            return event.text, [], reason
+        full = choice.text
+        if not event.finished:
+            end = 0 if self.forced_tool_call else _safe_end(full, self.tool_parser.start_marker)
+            end = max(end, choice.streamed_chars)
+            text, choice.streamed_chars = full[choice.streamed_chars : end], end
+            return text, [], None
+        parsed = self._parsed(choice)
+        if not parsed.tool_calls:
+            text, choice.streamed_chars = full[choice.streamed_chars :], len(full)
+            return text, [], self._finish_reason(choice, parsed)
+        content = parsed.content or ""
+        text = content[choice.streamed_chars :] if len(content) > choice.streamed_chars else ""
+        deltas = []
+        for k, call in enumerate(parsed.tool_calls):
+            deltas.append(
+                ToolCallDelta(
+                    index=k,
+                    id=call.id,
+                    type="function",
+                    function=FunctionCallDelta(name=call.name, arguments=""),
+                )
+            )
+            for start in range(0, len(call.arguments), ARGUMENT_PIECE_CHARS):
+                piece = call.arguments[start : start + ARGUMENT_PIECE_CHARS]
+                deltas.append(ToolCallDelta(index=k, function=FunctionCallDelta(arguments=piece)))
+        return text, deltas, "tool_calls"
 
     def usage_chunk(self, g: Generation) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -422,8 +502,7 @@ async def sse_events(
                 error = event.error or EngineError("generation failed")
                 yield ServerSentEvent(data=json.dumps(engine_error_body(error)))
                 break
-            chunk = fmt.chunk(g, choice, event)
-            if chunk is not None:
+            for chunk in fmt.chunks(g, choice, event):
                 yield _sse(chunk)
         else:
             if include_usage:
@@ -499,3 +578,15 @@ async def _unless_disconnected(
     finally:
         for task in (consumer, watcher):
             task.cancel()
+
+
+def _safe_end(text: str, marker: str) -> int:
+    """How much of ``text`` is surely not part of a tool call: up to ``marker``, or up to a suffix that
+    could be its beginning."""
+    found = text.find(marker)
+    if found >= 0:
+        return found
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-k:]):
+            return len(text) - k
+    return len(text)

@@ -353,7 +353,7 @@ class AsyncEngine:
             raise UnknownModelError(f"the model {request.adapter!r} does not exist", param="model")
         tokenizer = self.runner.tokenizer
         if request.messages is not None:
-            prompt_ids = tokenizer.encode_chat(request.messages)
+            prompt_ids = tokenizer.encode_chat(request.messages, request.tools)
             param = "messages"
         elif isinstance(request.prompt, str):
             prompt_ids = tokenizer.encode(request.prompt)
@@ -405,6 +405,7 @@ class AsyncEngine:
             seed=seed,
             tenant=request.tenant,
             arrival_time=request.arrival_time,
+            constraint=request.constraint,
         )
 
     def _count_rejection(self, exc: EngineError, label: str) -> None:
@@ -555,6 +556,19 @@ class AsyncEngine:
                     seq,
                     FinishReason.STOP,
                     text=text,
+                    last_token=token,
+                    logprobs=logprobs,
+                    prompt_logprobs=prompt_logprobs,
+                )
+            elif seq.constraint is not None and not seq.constraint.accept(token):
+                # the sampler draws only what the grammar allows: a refusal is a bug, never unconstrained text
+                error = StepFailedError(f"the output grammar refused token {token}")
+                self._finish(seq, FinishReason.ERROR, error=error)
+            elif seq.constraint is not None and seq.constraint.is_complete:  # nothing may follow: done
+                self._finish(
+                    seq,
+                    FinishReason.STOP,
+                    text=text + track.detok.flush(),
                     last_token=token,
                     logprobs=logprobs,
                     prompt_logprobs=prompt_logprobs,

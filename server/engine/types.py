@@ -236,9 +236,36 @@ class FinishReason(enum.StrEnum):
 
 
 @dataclass(slots=True, frozen=True)
+class ToolCall:
+    """A function call an assistant message made (history) or a reply carries: ``arguments`` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(slots=True, frozen=True)
 class ChatMessage:
+    """One message of a conversation. An assistant message may carry ``tool_calls``; a ``tool`` message
+    answers the call ``tool_call_id``."""
+
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+
+class TokenConstraint(Protocol):
+    """A request's grammar (``server.structured.grammar.Constraint``): the runner asks it for the allowed
+    next tokens, the engine advances it past each accepted token, in order, and ends the request (finish
+    ``stop``) once it is complete. Its state belongs to the request, not to a slot or a step."""
+
+    def fill_bitmask(self, address: int, nbytes: int) -> None: ...
+
+    def accept(self, token_id: int) -> bool: ...
+
+    @property
+    def is_complete(self) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -256,6 +283,10 @@ class GenerationRequest:
     # with sampling.max_tokens None: generate at most this many (None: up to the rest of the context);
     # either way never more than the context leaves after the prompt
     default_max_tokens: int | None = None
+    # structured outputs / a forced tool call: the output must match this grammar (compiled by the API)
+    constraint: TokenConstraint | None = None
+    # chat only: the functions offered, as the chat template's ``tools`` argument (OpenAI's tool objects)
+    tools: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -321,7 +352,9 @@ class Tokenizer(Protocol):
         """``encode`` with the choice of special tokens (``/tokenize``)."""
         ...
 
-    def encode_chat(self, messages: SequenceABC[ChatMessage]) -> list[int]: ...
+    def encode_chat(
+        self, messages: SequenceABC[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]: ...
 
     def decode(
         self,
@@ -377,6 +410,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     aborted: bool = False
     abort_reason: str = "client"
+    constraint: TokenConstraint | None = None  # the request's grammar, advanced with each output token
 
     @property
     def num_tokens(self) -> int:

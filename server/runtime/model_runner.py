@@ -38,6 +38,7 @@ from server.runtime.kv_cache import KVGeometry, PagedKVCache, PagedPlacement
 from server.runtime.packing import Lane, PackedStep, attention_size, pack_lanes
 from server.runtime.sampler import LogprobsMode, Sampler, SamplerOutput, position_logprobs
 from server.runtime.slot_lora import SlotLoRA
+from server.runtime.token_bitmask import fill_token_bitmask
 from server.runtime.tokenizer import HFTokenizer
 
 log = logging.getLogger("loraserve.runtime")
@@ -285,15 +286,21 @@ class ModelRunner:
         self, seqs: list[Sequence], logits: torch.Tensor, slots: torch.Tensor, rows: list[int]
     ) -> StepOutput:
         """Sample every row of ``logits`` (``seqs[i]`` is row ``rows[i]``; other rows are padding that samples
-        into the scratch slot); rows of requests that asked for logprobs get them, top-k on the device."""
+        into the scratch slot); rows of requests that asked for logprobs get them, top-k on the device. Rows
+        of constrained requests sample only what their grammar allows next (a bitmask filled on the host)."""
         asking = [i for i, seq in enumerate(seqs) if seq.sampling.logprobs is not None]
         ks = [seqs[i].sampling.logprobs or 0 for i in asking]
         logprob_rows = torch.tensor([rows[i] for i in asking], dtype=torch.long, device=self.device)
+        constrained = [(rows[i], seq.constraint) for i, seq in enumerate(seqs) if seq.constraint is not None]
+        bitmask = None
+        if constrained:
+            bitmask = fill_token_bitmask(logits.shape[0], self._vocab_size, constrained).to(self.device)
         sampled: SamplerOutput = self.sampler.sample(
             logits,
             slots,
             logprob_rows=logprob_rows if asking else None,
             num_logprobs=max(ks, default=0),
+            token_bitmask=bitmask,
         )
         tokens = sampled.token_ids.tolist()
         output = StepOutput(token_ids=[tokens[r] for r in rows])
@@ -424,9 +431,9 @@ class ModelRunner:
 
     def _graphable(self, seqs: list[Sequence]) -> bool:
         """A decode step runs as a graph unless a row runs on a snapshot or on an adapter without a slot, or
-        asks for logprobs (the graphs sample only; such a step runs eagerly)."""
+        asks for logprobs or is constrained by a grammar (the graphs sample only; such a step runs eagerly)."""
         for seq in seqs:
-            if seq.sampling.logprobs is not None:
+            if seq.sampling.logprobs is not None or seq.constraint is not None:
                 return False
             if _snapshot(seq) is not None:
                 return False

@@ -34,6 +34,7 @@ from typing import Literal, get_args
 import torch
 
 from server.engine.types import PositionLogprobs, SamplingParams
+from server.runtime.token_bitmask import allowed_tokens
 
 LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
 LOGPROBS_MODES: tuple[str, ...] = get_args(LogprobsMode)
@@ -350,6 +351,7 @@ class Sampler:
         *,
         logprob_rows: torch.Tensor | None = None,
         num_logprobs: int = 0,
+        token_bitmask: torch.Tensor | None = None,
     ) -> SamplerOutput:
         """Sample one token per row: logits ``[B, V]`` (any float dtype), slots ``[B]`` int64.
 
@@ -357,12 +359,16 @@ class Sampler:
         ``features`` skips stages no row needs; None derives them from the started slots. Passing a feature
         set that lacks a stage some row needs silently skips that stage for the row. ``logprob_rows``
         ``[R]`` (batch rows) get the sampled token's logprob and the top ``num_logprobs`` alternatives.
+        ``token_bitmask`` ``[B, W]`` int32 (``server.runtime.token_bitmask``) rules out, per row, the tokens
+        its grammar forbids before anything else: greedy, sampling and logprobs all see only allowed ones.
         """
         if features is None:
             features = self.features()
         logits = logits.to(torch.float32)  # [B, V]
         if self._padded_ids is not None:
             logits = logits.masked_fill(self._padded_ids, float("-inf"))  # [B, V]
+        if token_bitmask is not None:
+            logits = logits.masked_fill(~allowed_tokens(token_bitmask, self.vocab_size), float("-inf"))
         raw = logits
         fparams = self._float_params[slots]  # [B, 6]
         iparams = self._int_params[slots]  # [B, 4]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from typing import Any
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
@@ -43,12 +45,17 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=True))
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The chat template's rendering of ``messages`` (with ``tools`` as its ``tools`` argument)."""
         if not self.has_chat_template:
             raise InvalidRequestError("this model's tokenizer has no chat template", param="messages")
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        conversation = [_template_message(m) for m in messages]
         try:
-            text = self.hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            text = self.hf.apply_chat_template(
+                conversation, tools=list(tools or []) or None, tokenize=False, add_generation_prompt=True
+            )
         except Exception as exc:  # the template itself raised (e.g. "roles must alternate")
             raise InvalidRequestError(
                 f"the chat template refused these messages: {exc}", param="messages"
@@ -91,3 +98,21 @@ class HFTokenizer:
     def encode_plain(self, text: str, *, add_special_tokens: bool) -> list[int]:
         """``encode`` with the choice of special tokens (``/tokenize``'s ``add_special_tokens``)."""
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    # The shape Hugging Face chat templates expect: tool calls with their arguments as an object (templates
+    # apply ``tojson`` themselves), a tool message with the id of the call it answers.
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": json.loads(call.arguments)},
+            }
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out

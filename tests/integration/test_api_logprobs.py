@@ -386,7 +386,7 @@ BAD_BODIES: list[tuple[dict[str, Any], str]] = [
     ({"prompt": "x", "n": 17}, "n"),
     ({"prompt": ["x"] * 33}, "prompt"),
     ({"prompt": "x", "best_of": 2}, "best_of"),
-    ({"prompt": "x", "guided_json": {}}, "guided_json"),
+    ({"prompt": "x", "guided_json": 5}, "guided_json"),
     ({"prompt": "x", "bogus": 1}, "bogus"),
     ({"prompt": [[1, 2], [3, 716]]}, "prompt"),
 ]

@@ -203,10 +203,15 @@ BAD_COMPLETION_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"skip_special_tokens": 1}, "skip_special_tokens"),
     ({"prompt_logprobs": 21}, "prompt_logprobs"),
     ({"max_tokens": 0, "echo": False}, "max_tokens"),
-    ({"guided_json": {"type": "object"}}, "guided_json"),
-    ({"guided_choice": ["a"]}, "guided_choice"),
-    ({"structured_outputs": {"json": {}}}, "structured_outputs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"guided_json": 5}, "guided_json"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_choice": [""]}, "guided_choice"),
+    ({"structured_outputs": {}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs.choice"),
+    ({"structured_outputs": {"json": "{oops"}}, "structured_outputs.json"),
+    ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"guided_decoding_backend": "outlines"}, "guided_decoding_backend"),
     ({"no_such_field": 1}, "no_such_field"),
     ({"model": ""}, "model"),
     ({"model": 5}, "model"),
@@ -223,7 +228,35 @@ BAD_CHAT_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"messages": "hi"}, "messages"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    (
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                    ],
+                }
+            ]
+        },
+        "messages[0].tool_calls[0].function.name",
+    ),
+    (
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1"}}
+                    ],
+                }
+            ]
+        },
+        "messages[0].tool_calls[0].function.arguments",
+    ),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls"),
     ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
     (
@@ -237,11 +270,21 @@ BAD_CHAT_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"top_logprobs": 3}, "top_logprobs"),
     ({"logprobs": False, "top_logprobs": 3}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ({"guided_regex": "a+"}, "guided_regex"),
+    ({"guided_regex": ""}, "guided_regex"),
     ({"reasoning_effort": "high"}, "reasoning_effort"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    (
+        {
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "required",
+            "response_format": {"type": "json_object"},
+        },
+        "tool_choice",
+    ),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
     ({"n": 17}, "n"),
     ({"n": 0}, "n"),
     ({"temperature": 9}, "temperature"),
