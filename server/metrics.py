@@ -74,7 +74,7 @@ def buckets_1_2_5(max_value: int) -> tuple[int, ...]:
 class SchedulerState:
     """The scheduler after one engine iteration. ``waiting_deferred`` of the ``waiting`` requests were
     passed over for a transient reason (adapter still loading, the step's adapter budget); the rest wait
-    for a free KV slot or the step's token budget."""
+    for a free slot, KV blocks or the step's token budget."""
 
     running: int
     waiting: int
@@ -88,7 +88,7 @@ class SchedulerState:
 @dataclass(slots=True, frozen=True)
 class FinishedRequest:
     """One request as it left the engine. Times are ``time.monotonic()`` seconds; ``scheduled`` is None
-    for a request that never got a KV slot, ``first_token`` None for one that produced no token."""
+    for a request never admitted, ``first_token`` None for one that produced no token."""
 
     model_name: str
     finished_reason: str
@@ -241,7 +241,7 @@ class Metrics:
         )
         self.num_requests_waiting_by_reason = gauge(
             "vllm:num_requests_waiting_by_reason",
-            "Number of waiting requests by reason: capacity = waiting for a free KV slot or the step's token "
+            "Number of waiting requests by reason: capacity = waiting for a free slot, KV blocks or the step's token "
             "budget; deferred = passed over for a transient constraint (its adapter still loading, the "
             "step's --max-loras-per-batch budget). Sums to vllm:num_requests_waiting.",
             [*m, "reason"],
@@ -401,19 +401,19 @@ class Metrics:
         )
         self.request_queue_time_seconds = histogram(
             "vllm:request_queue_time_seconds",
-            "Histogram of time spent in WAITING phase for request (arrival to its first KV slot).",
+            "Histogram of time spent in WAITING phase for request (arrival to its admission).",
             m,
             REQUEST_LATENCY_BUCKETS,
         )
         self.request_inference_time_seconds = histogram(
             "vllm:request_inference_time_seconds",
-            "Histogram of time spent in RUNNING phase for request (first KV slot to last token).",
+            "Histogram of time spent in RUNNING phase for request (admission to last token).",
             m,
             REQUEST_LATENCY_BUCKETS,
         )
         self.request_prefill_time_seconds = histogram(
             "vllm:request_prefill_time_seconds",
-            "Histogram of time spent in PREFILL phase for request (first KV slot to first token).",
+            "Histogram of time spent in PREFILL phase for request (admission to first token).",
             m,
             REQUEST_LATENCY_BUCKETS,
         )
@@ -526,8 +526,8 @@ class Metrics:
         self.iteration_tokens_total.labels(model_name, ENGINE).observe(num_tokens)
 
     def on_finished(self, request: FinishedRequest) -> None:
-        """Request-level histograms, in vLLM's phases: queued (arrival -> first KV slot), prefill (-> first
-        token), decode (first -> last token), inference (first KV slot -> last token)."""
+        """Request-level histograms, in vLLM's phases: queued (arrival -> admission), prefill (-> first
+        token), decode (first -> last token), inference (admission -> last token)."""
         r, labels = request, (request.model_name, ENGINE)
         self.e2e_request_latency_seconds.labels(*labels).observe(r.finished - r.arrival)
         self.request_success_total.labels(*labels, r.finished_reason).inc()

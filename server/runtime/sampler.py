@@ -1,6 +1,6 @@
 """Batched sampling on the model's device, one call per step, with no host synchronization.
 
-Per-sequence sampling state lives in fixed slots (the runner's KV slots), in device tensors indexed by slot,
+Per-sequence sampling state lives in fixed slots (the runner's sequence slots, ``--max-num-seqs``), in device tensors indexed by slot,
 so one step gathers every row's parameters with ``tensor[slots]`` and the whole call is pure tensor ops of
 fixed shapes: it can be captured in a CUDA graph together with the decode step.
 
