@@ -254,3 +254,34 @@ def test_no_prefix_caching_flag_turns_it_off(tmp_path: Path) -> None:
         assert 'enable_prefix_caching="False"' in text
     finally:
         srv.terminate()
+
+
+# ------------------------------------------------------------------ chunked prefill keeps streams going
+
+
+def test_a_long_prompt_is_chunked_and_a_running_stream_decodes_in_every_chunk_step(engine) -> None:  # type: ignore[no-untyped-def]
+    """Budget 32 tokens per step: a prompt of a few hundred tokens takes many steps, and the stream already
+    running gets a token in each of them (decode rows first), instead of waiting out one long prefill."""
+    long_prompt = "A long prompt arrives. " + SYSTEM + SYSTEM
+    n_long = len(engine.runner.tokenizer.encode(long_prompt))
+    order: list[str] = []
+
+    async def stream(req: GenerationRequest, name: str, started: asyncio.Event | None) -> None:
+        async for event in engine.submit(req):
+            if event.token_ids:
+                order.append(name)
+                if started is not None:
+                    started.set()
+
+    async def main() -> None:
+        started = asyncio.Event()
+        running = asyncio.create_task(stream(request("Hello", max_tokens=120), "running", started))
+        await started.wait()
+        order.append("submitted")
+        await stream(request(long_prompt, max_tokens=1), "long", None)
+        await running
+
+    asyncio.run(main())
+    between = order[order.index("submitted") : order.index("long")]
+    # the long prompt needs about n_long / 31 steps (one budget token goes to the running row each step)
+    assert between.count("running") >= n_long // 32 - 1 > 3
