@@ -40,7 +40,6 @@ MARKERS = {
 }
 # The call each format writes, with the markers as tokens, for tool_choice auto: ``{m0}`` / ``{m1}`` are
 # the markers' token ids.
-CALL = {"type": "object", "properties": {"name": {"const": "get_time"}}, "required": ["name"]}
 AUTO_GRAMMARS = {
     "mistral": 'start: <[{m0}]> " [" body "]"\nbody: %json {call}\n',
     "llama3.1": "start: <[{m0}]> body\nbody: %json {call}\n",
