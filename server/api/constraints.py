@@ -6,6 +6,7 @@ event loop, see ``server.structured.grammar``)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -13,7 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from server.engine.types import InvalidRequestError
 from server.structured.grammar import MAX_CHOICES, MAX_GRAMMAR_CHARS, GrammarSpec
-from server.structured.tool_parsers import FunctionSpec, ToolParser
+from server.structured.tool_parsers import NO_SPECIAL_TOKENS, FunctionSpec, ToolParser
 
 MAX_TOOLS = 128
 MAX_CHOICE_CHARS = 1024
@@ -172,11 +173,17 @@ def function_specs(tools: list[ToolIn]) -> list[FunctionSpec]:
 
 
 def tool_call_grammar(
-    parser: ToolParser, functions: list[FunctionSpec], choice: ToolChoice, *, parallel: bool
+    parser: ToolParser,
+    functions: list[FunctionSpec],
+    choice: ToolChoice,
+    *,
+    parallel: bool,
+    special: Mapping[str, int] = NO_SPECIAL_TOKENS,
 ) -> GrammarSpec | None:
     """``required`` / a named function -> a grammar forcing a call in the parser's format; None otherwise.
     The grammar embeds every offered function's parameters, so a bad parameters schema is a 400 on
-    ``tools`` (compiled like any other grammar)."""
+    ``tools`` (compiled like any other grammar). ``special``: the parser's markers that are special tokens
+    of the tokenizer, by id (the grammar emits those tokens)."""
     if choice == "required":
         chosen = functions
     elif isinstance(choice, NamedToolChoice):
@@ -188,4 +195,4 @@ def tool_call_grammar(
             )
     else:
         return None
-    return GrammarSpec("grammar", parser.forced_grammar(chosen, parallel=parallel), "tools")
+    return GrammarSpec("grammar", parser.forced_grammar(chosen, parallel=parallel, special=special), "tools")

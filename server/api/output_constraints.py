@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.api.constraints import function_specs, json_schema_spec, tool_call_grammar
 from server.api.schemas import ChatCompletionRequest, GenerationFields
@@ -22,11 +24,15 @@ COMPILE_WORKERS = 2
 @dataclass(slots=True)
 class OutputConstraints:
     """Grammar compilation for one base model (``compiler`` None: its tokenizer is not a Hugging Face fast
-    tokenizer, and constrained requests are refused) and its tool-call parser."""
+    tokenizer, and constrained requests are refused) and its tool-call parser. ``marker_ids``: the parser's
+    markers that the tokenizer has as special tokens, by id: kept in the decoded reply of a request with
+    tools (``skip_special_tokens`` would drop them, and the parser never see a call) and emitted as those
+    tokens by a forced call's grammar."""
 
     compiler: GrammarCompiler | None
     parser: ToolParser
     pool: ThreadPoolExecutor
+    marker_ids: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def for_engine(cls, engine: AsyncEngine, parser: ToolParserName | str = "auto") -> OutputConstraints:
@@ -42,8 +48,13 @@ class OutputConstraints:
                     eos_token_ids=sorted(tokenizer.eos_token_ids),
                 )
         name: ToolParserName = detect_tool_parser(template) if parser == "auto" else parser  # type: ignore[assignment]
+        chosen = tool_parser(name)
+        markers: dict[str, int] = {}
+        if isinstance(tokenizer, HFTokenizer):
+            ids = {marker: tokenizer.special_token_id(marker) for marker in chosen.markers}
+            markers = {marker: i for marker, i in ids.items() if i is not None}
         pool = ThreadPoolExecutor(max_workers=COMPILE_WORKERS, thread_name_prefix="loraserve-grammar")
-        return cls(compiler=compiler, parser=tool_parser(name), pool=pool)
+        return cls(compiler=compiler, parser=chosen, pool=pool, marker_ids=markers)
 
     def grammar_for(self, body: GenerationFields) -> tuple[GrammarSpec | None, list[GrammarSpec]]:
         """(the grammar the output must match, the tool parameter schemas to validate). Cheap, no compile."""
@@ -60,6 +71,7 @@ class OutputConstraints:
                 functions,
                 body.tool_choice or "auto",
                 parallel=body.parallel_tool_calls is True,
+                special=self.marker_ids,
             )
             spec = forced or spec
         return spec, checks
@@ -68,6 +80,10 @@ class OutputConstraints:
         """Compile the request's grammar (cached per grammar) off the event loop and give each choice its
         own matcher. Raises ``InvalidRequestError`` naming the field for a bad schema, regex or grammar."""
         spec, checks = self.grammar_for(body)
+        if self.marker_ids and isinstance(body, ChatCompletionRequest) and body.uses_tools:
+            keep = frozenset(self.marker_ids.values())
+            for request in requests:  # the reply is parsed for calls: its marker tokens must reach the text
+                request.sampling = dataclasses.replace(request.sampling, keep_special_token_ids=keep)
         if spec is None and not checks:
             return
         if spec is not None:

@@ -414,7 +414,7 @@ class ChatFormat:
             return event.text, [], reason
         full = choice.text
         if not event.finished:
-            end = 0 if self.forced_tool_call else _safe_end(full, self.tool_parser.start_marker)
+            end = 0 if self.forced_tool_call else _call_free_end(full, self.tool_parser)
             end = max(end, choice.streamed_chars)
             text, choice.streamed_chars = full[choice.streamed_chars : end], end
             return text, [], None
@@ -578,6 +578,12 @@ async def _unless_disconnected(
     finally:
         for task in (consumer, watcher):
             task.cancel()
+
+
+def _call_free_end(text: str, parser: ToolParser) -> int:
+    """How much of ``text`` is surely not part of a tool call in ``parser``'s format: a call may start at
+    its start marker or at any of its markers (Llama 3's ``<|python_tag|>`` comes before the ``{``)."""
+    return min(_safe_end(text, marker) for marker in (parser.start_marker, *parser.markers))
 
 
 def _safe_end(text: str, marker: str) -> int:

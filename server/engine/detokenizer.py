@@ -18,7 +18,7 @@ back, and when one appears the text before it is released and the rest, the stop
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from server.engine.types import Tokenizer
 
@@ -45,13 +45,14 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         spaces_between_special_tokens: bool = True,
         include_stop_str_in_output: bool = False,
+        keep_special_token_ids: Collection[int] = (),
     ) -> None:
         self._tokenizer = tokenizer
         # decode options travel only when they differ from the defaults (the protocol's minimal decode)
-        self._decode_options: dict[str, bool] = {}
-        if not skip_special_tokens:
-            self._decode_options["skip_special_tokens"] = False
-            self._decode_options["spaces_between_special_tokens"] = spaces_between_special_tokens
+        self._skip_special = skip_special_tokens
+        self._spaces_between_special = spaces_between_special_tokens
+        # a tool parser's markers: shown although the other special tokens are skipped
+        self._keep = frozenset(keep_special_token_ids) if skip_special_tokens else frozenset()
         self._stop = tuple(s for s in stop if s)
         self._include_stop = include_stop_str_in_output
         context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
@@ -113,7 +114,15 @@ class IncrementalDetokenizer:
         return delta
 
     def _decode_ids(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(token_ids, **self._decode_options)
+        if not self._skip_special:
+            return self._tokenizer.decode(
+                token_ids,
+                skip_special_tokens=False,
+                spaces_between_special_tokens=self._spaces_between_special,
+            )
+        if self._keep:
+            return self._tokenizer.decode(token_ids, keep_special_token_ids=self._keep)
+        return self._tokenizer.decode(token_ids)
 
     def _release(self, delta: str) -> str:
         """Pass decoded text through the stop-string check; record and return what may be sent."""

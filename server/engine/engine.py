@@ -309,6 +309,7 @@ class AsyncEngine:
             skip_special_tokens=sampling.skip_special_tokens,
             spaces_between_special_tokens=sampling.spaces_between_special_tokens,
             include_stop_str_in_output=sampling.include_stop_str_in_output,
+            keep_special_token_ids=sampling.keep_special_token_ids,
         )
         label = self.model_id if seq.adapter is None else seq.adapter
         if self.metrics is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -158,6 +158,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # special tokens whose text stays in the output despite ``skip_special_tokens``: set by the API (never
+    # a request field) to a tool parser's marker tokens, so that the parser sees them
+    keep_special_token_ids: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None:
@@ -362,6 +365,7 @@ class Tokenizer(Protocol):
         *,
         skip_special_tokens: bool = True,
         spaces_between_special_tokens: bool = True,
+        keep_special_token_ids: Collection[int] = (),
     ) -> str: ...
 
     def token_text(self, token_id: int) -> str:

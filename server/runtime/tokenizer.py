@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -26,7 +26,12 @@ class HFTokenizer:
             ids = generation_config.eos_token_id
             eos.update(int(i) for i in (ids if isinstance(ids, list) else [ids]))
         self._eos = frozenset(eos)
-        self._special_ids = frozenset(int(i) for i in tokenizer.all_special_ids)
+        # what ``skip_special_tokens`` drops: the named special tokens and every added token marked special
+        # (a Mistral tokenizer's ``[TOOL_CALLS]`` is one, without being in ``all_special_ids``)
+        added = getattr(tokenizer, "added_tokens_decoder", {})
+        self._special_ids = frozenset(int(i) for i in tokenizer.all_special_ids) | frozenset(
+            int(i) for i, token in added.items() if getattr(token, "special", False)
+        )
         self._token_text: dict[int, str] = {}  # bounded by the vocabulary
 
     @property
@@ -68,11 +73,16 @@ class HFTokenizer:
         *,
         skip_special_tokens: bool = True,
         spaces_between_special_tokens: bool = True,
+        keep_special_token_ids: Collection[int] = (),
     ) -> str:
         """Text of ``token_ids``. With special tokens kept, ``spaces_between_special_tokens`` puts a space
         between each special token and its neighbours, as vLLM (and slow HF tokenizers) do; fast HF
-        tokenizers ignore that option, so it is applied here."""
+        tokenizers ignore that option, so it is applied here. ``keep_special_token_ids`` are special
+        tokens shown even when the others are skipped (a tool parser's markers), as their own text."""
         ids = list(token_ids)
+        if skip_special_tokens and keep_special_token_ids:
+            kept = [t for t in ids if t not in self._special_ids or t in keep_special_token_ids]
+            return str(self.hf.decode(kept, skip_special_tokens=False))
         if skip_special_tokens or not spaces_between_special_tokens:
             return str(self.hf.decode(ids, skip_special_tokens=skip_special_tokens))
         parts: list[str] = []
@@ -94,6 +104,11 @@ class HFTokenizer:
         if text is None:
             text = self._token_text[token_id] = str(self.hf.decode([token_id], skip_special_tokens=False))
         return text
+
+    def special_token_id(self, text: str) -> int | None:
+        """The id of the special token spelt ``text``, None when ``text`` is not one special token."""
+        token_id = self.hf.convert_tokens_to_ids(text)
+        return token_id if isinstance(token_id, int) and token_id in self._special_ids else None
 
     def encode_plain(self, text: str, *, add_special_tokens: bool) -> list[int]:
         """``encode`` with the choice of special tokens (``/tokenize``'s ``add_special_tokens``)."""

@@ -4,6 +4,10 @@ a call in that family's own format (``tool_choice`` ``required`` or a named func
 Names follow vLLM's ``--tool-call-parser``: ``hermes`` (``<tool_call>{json}</tool_call>``: Qwen2.5 and
 Hermes templates), ``llama3_json`` (``{"name": ..., "parameters": ...}``, optionally after
 ``<|python_tag|>``, several separated by ``;``) and ``mistral`` (``[TOOL_CALLS] [{"name", "arguments"}]``).
+
+A real tokenizer may hold a parser's marker as one special token (Mistral's ``[TOOL_CALLS]``, Llama 3's
+``<|python_tag|>``): the reply is then decoded with those tokens kept (``ToolParser.markers``), and a forced
+call's grammar emits the marker as that token (``<[id]>``), as the model itself would, not spelt as text.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 from server.engine.types import ToolCall
 
 ToolParserName = Literal["hermes", "llama3_json", "mistral"]
 TOOL_PARSERS: tuple[ToolParserName, ...] = ("hermes", "llama3_json", "mistral")
+NO_SPECIAL_TOKENS: Mapping[str, int] = MappingProxyType({})  # every marker spelt as text
 
 
 @dataclass(slots=True, frozen=True)
@@ -44,13 +51,24 @@ class ToolParser(Protocol):
     name: ToolParserName
     # text at which a reply may start a call: a stream holds text back from here on
     start_marker: str
+    # the format's marker strings: those the tokenizer has as special tokens stay in the decoded reply
+    markers: tuple[str, ...]
 
     def parse(self, text: str) -> ParsedOutput: ...
 
-    def forced_grammar(self, functions: list[FunctionSpec], *, parallel: bool) -> str:
+    def forced_grammar(
+        self, functions: list[FunctionSpec], *, parallel: bool, special: Mapping[str, int] = NO_SPECIAL_TOKENS
+    ) -> str:
         """A Lark grammar (llguidance's dialect) whose every sentence is one call (or, with ``parallel``,
-        one or more) of one of ``functions``, with arguments valid against its parameters."""
+        one or more) of one of ``functions``, with arguments valid against its parameters. ``special``
+        maps each marker the tokenizer has as a special token to its id: the grammar emits that token."""
         ...
+
+
+def _marker(text: str, special: Mapping[str, int]) -> str:
+    """A marker as a Lark terminal: its special token (``<[id]>``) when it is one, else the literal text."""
+    token_id = special.get(text)
+    return json.dumps(text) if token_id is None else f"<[{token_id}]>"
 
 
 def _call_schema(functions: list[FunctionSpec], arguments_key: str) -> dict[str, Any]:
@@ -101,6 +119,7 @@ def _decode_objects(text: str) -> list[Any] | None:
 class HermesParser:
     name: ToolParserName = "hermes"
     start_marker: str = "<tool_call>"
+    markers: tuple[str, ...] = ("<tool_call>", "</tool_call>")
     _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
     def parse(self, text: str) -> ParsedOutput:
@@ -120,15 +139,19 @@ class HermesParser:
             return ParsedOutput(text, ())
         return ParsedOutput(text[:start].strip() or None, tuple(calls))
 
-    def forced_grammar(self, functions: list[FunctionSpec], *, parallel: bool) -> str:
+    def forced_grammar(
+        self, functions: list[FunctionSpec], *, parallel: bool, special: Mapping[str, int] = NO_SPECIAL_TOKENS
+    ) -> str:
         start = 'start: call ("\\n" call)*' if parallel else "start: call"
-        return f'{start}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: {_json_rule(_call_schema(functions, "arguments"))}\n'
+        call = f'{_marker("<tool_call>", special)} "\\n" body "\\n" {_marker("</tool_call>", special)}'
+        return f"{start}\ncall: {call}\nbody: {_json_rule(_call_schema(functions, 'arguments'))}\n"
 
 
 class Llama3JsonParser:
     name: ToolParserName = "llama3_json"
     start_marker: str = "{"
     _TAG = "<|python_tag|>"
+    markers: tuple[str, ...] = (_TAG,)
 
     def parse(self, text: str) -> ParsedOutput:
         body = text.strip().removeprefix(self._TAG).strip()
@@ -140,7 +163,10 @@ class Llama3JsonParser:
             return ParsedOutput(text, ())
         return ParsedOutput(None, tuple(c for c in calls if c is not None))
 
-    def forced_grammar(self, functions: list[FunctionSpec], *, parallel: bool) -> str:
+    def forced_grammar(
+        self, functions: list[FunctionSpec], *, parallel: bool, special: Mapping[str, int] = NO_SPECIAL_TOKENS
+    ) -> str:
+        # the tag is optional in this format (Llama 3.1 puts it before code, not JSON calls): none forced
         start = 'start: body ("; " body)*' if parallel else "start: body"
         return f"{start}\nbody: {_json_rule(_call_schema(functions, 'parameters'))}\n"
 
@@ -148,6 +174,7 @@ class Llama3JsonParser:
 class MistralParser:
     name: ToolParserName = "mistral"
     start_marker: str = "[TOOL_CALLS]"
+    markers: tuple[str, ...] = ("[TOOL_CALLS]",)
 
     def parse(self, text: str) -> ParsedOutput:
         start = text.find(self.start_marker)
@@ -160,7 +187,9 @@ class MistralParser:
             return ParsedOutput(text, ())
         return ParsedOutput(text[:start].strip() or None, tuple(c for c in calls if c is not None))
 
-    def forced_grammar(self, functions: list[FunctionSpec], *, parallel: bool) -> str:
+    def forced_grammar(
+        self, functions: list[FunctionSpec], *, parallel: bool, special: Mapping[str, int] = NO_SPECIAL_TOKENS
+    ) -> str:
         schema: dict[str, Any] = {
             "type": "array",
             "items": _call_schema(functions, "arguments"),
@@ -168,7 +197,7 @@ class MistralParser:
         }
         if not parallel:
             schema["maxItems"] = 1
-        return f'start: "[TOOL_CALLS] " body\nbody: {_json_rule(schema)}\n'
+        return f'start: {_marker(self.start_marker, special)} " " body\nbody: {_json_rule(schema)}\n'
 
 
 _PARSERS: dict[ToolParserName, ToolParser] = {

@@ -8,8 +8,11 @@ from typing import Any
 
 import jsonschema
 import pytest
+from tokenizers import AddedToken
 from transformers import AutoTokenizer
 
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.runtime.tokenizer import HFTokenizer
 from server.structured.grammar import GrammarCompiler, GrammarSpec
 from server.structured.tool_parsers import (
     TOOL_PARSERS,
@@ -106,3 +109,39 @@ def test_forced_grammar_admits_valid_calls_only(parser: str, demo_bundle: Any) -
     (call,) = parsed.tool_calls
     schema = next(f.parameters for f in FUNCTIONS if f.name == call.name)
     jsonschema.validate(json.loads(call.arguments), schema)
+
+
+@pytest.mark.parametrize("parser", ["hermes", "mistral"])
+def test_special_markers_are_kept_in_the_text_and_forced_as_tokens(parser: str, demo_bundle: Any) -> None:
+    # a real tokenizer's markers: added tokens marked special (not in ``all_special_ids``)
+    hf = AutoTokenizer.from_pretrained(demo_bundle.base)
+    p = tool_parser(parser)  # type: ignore[arg-type]
+    hf.add_tokens([AddedToken(m, special=True, normalized=False) for m in p.markers])
+    tokenizer = HFTokenizer(hf)
+    special = {m: tokenizer.special_token_id(m) for m in p.markers}
+    assert all(i is not None and i >= len(hf) - len(p.markers) for i in special.values())
+    assert tokenizer.special_token_id("get_weather") is None
+    marker_ids = {i for i in special.values() if i is not None}
+    good = SENTENCES[parser][0]
+    ids = hf.encode(good, add_special_tokens=False)
+    assert marker_ids <= set(ids)  # each marker is its special token in the text the model writes
+    eos = hf.eos_token_id
+    # skip_special_tokens drops the markers (no call found); keeping them (only them: not eos) finds it
+    assert not p.parse(tokenizer.decode([*ids, eos])).tool_calls
+    kept = tokenizer.decode([*ids, eos], keep_special_token_ids=marker_ids)
+    assert kept == good
+    detok = IncrementalDetokenizer(tokenizer, [hf.bos_token_id], keep_special_token_ids=marker_ids)
+    assert "".join(detok.add(t) for t in [*ids, eos]) + detok.flush() == good
+    assert p.parse(kept).tool_calls
+    # the forced grammar emits the markers as those tokens, and no longer as text spelt in pieces
+    compiler = GrammarCompiler(hf, vocab_size=len(hf), eos_token_ids=[eos])
+    grammar = p.forced_grammar(
+        FUNCTIONS, parallel=False, special={m: i for m, i in special.items() if i is not None}
+    )
+    assert all(f"<[{i}]>" in grammar for i in marker_ids)
+    constraint = compiler.compile(GrammarSpec("grammar", grammar, "tools"))
+    assert all(constraint.accept(t) for t in ids) and constraint.is_complete
+    spelt = compiler.compile(GrammarSpec("grammar", grammar, "tools"))
+    assert not all(
+        spelt.accept(t) for t in hf.encode(good, split_special_tokens=True, add_special_tokens=False)
+    )
