@@ -562,8 +562,12 @@ class AsyncEngine:
                     prompt_logprobs=prompt_logprobs,
                 )
             elif seq.constraint is not None and not seq.constraint.accept(token):
-                # the sampler draws only what the grammar allows: a refusal is a bug, never unconstrained text
-                error = StepFailedError(f"the output grammar refused token {token}")
+                # The mask offers only tokens the grammar consumes, so a refused token means it offered none:
+                # the grammar needs text this vocabulary cannot spell. Never unconstrained text: a 400.
+                param = seq.constraint.param
+                error = InvalidRequestError(
+                    f"{param}: the output grammar cannot continue with this model's tokens", param=param
+                )
                 self._finish(seq, FinishReason.ERROR, error=error)
             elif seq.constraint is not None and seq.constraint.is_complete:  # nothing may follow: done
                 self._finish(

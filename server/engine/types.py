@@ -268,6 +268,9 @@ class TokenConstraint(Protocol):
     def accept(self, token_id: int) -> bool: ...
 
     @property
+    def param(self) -> str: ...
+
+    @property
     def is_complete(self) -> bool: ...
 
 

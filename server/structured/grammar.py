@@ -10,6 +10,7 @@ to compile never stalls the engine's step, and a bad one is a 400 naming its fie
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import re
@@ -91,11 +92,21 @@ class Constraint:
     """One request's grammar state. It follows the request's generated tokens (``accept`` each one, in
     order), whatever slot or step they were computed in: a recomputed sequence keeps it."""
 
-    __slots__ = ("matcher", "spec")
+    __slots__ = ("matcher", "spec", "special_ids")
 
-    def __init__(self, matcher: llguidance.LLMatcher, spec: GrammarSpec) -> None:
+    def __init__(
+        self, matcher: llguidance.LLMatcher, spec: GrammarSpec, special_ids: tuple[int, ...] = ()
+    ) -> None:
         self.matcher = matcher
         self.spec = spec
+        # special tokens (eos aside) the mask may wrongly allow: llguidance admits one whose text equals a
+        # literal the grammar needs next, then refuses to consume it; each is checked before it is offered
+        self.special_ids = special_ids
+
+    @property
+    def param(self) -> str:
+        """The request field the grammar came from."""
+        return self.spec.param
 
     def accept(self, token_id: int) -> bool:
         """Advance past ``token_id``; False if the grammar does not allow it (the matcher is then in error)."""
@@ -115,8 +126,17 @@ class Constraint:
         return str(self.matcher.get_error()) if self.matcher.is_error() else None
 
     def fill_bitmask(self, address: int, nbytes: int) -> None:
-        """Write the allowed-next-token bitmask (one bit per token id, int32 words) at ``address``."""
+        """Write the allowed-next-token bitmask (one bit per token id, int32 words) at ``address``: only
+        tokens the matcher will consume (a special token it would refuse is cleared). All bits clear means
+        the grammar cannot go on with this vocabulary; the engine then refuses the token sampled anyway."""
         self.matcher.unsafe_compute_mask_ptr(address, nbytes)
+        if not self.special_ids:
+            return
+        words = (ctypes.c_uint32 * (nbytes // 4)).from_address(address)
+        for token_id in self.special_ids:
+            word, bit = divmod(token_id, 32)
+            if word < len(words) and words[word] >> bit & 1 and not self.matcher.validate_tokens([token_id]):
+                words[word] &= ~(1 << bit) & 0xFFFFFFFF
 
 
 class GrammarCompiler:
@@ -139,6 +159,7 @@ class GrammarCompiler:
         self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
         self._tokenizer: llguidance.LLTokenizer | None = None
+        self._special_ids = _special_token_ids(hf_tokenizer, vocab_size, eos_token_ids)
         self.compiles = 0  # grammars compiled (cache misses), for tests and metrics
 
     @property
@@ -160,7 +181,7 @@ class GrammarCompiler:
             prototype = self._cache.get(key)
             if prototype is not None:
                 self._cache.move_to_end(key)
-                return Constraint(prototype.deep_copy(), spec)
+                return Constraint(prototype.deep_copy(), spec, self._special_ids)
         tokenizer = self.tokenizer
         grammar = spec.grammar_text()
         problem = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
@@ -178,11 +199,18 @@ class GrammarCompiler:
             self._cache.move_to_end(key)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return Constraint(prototype.deep_copy(), spec)
+        return Constraint(prototype.deep_copy(), spec, self._special_ids)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._cache)
+
+
+def _special_token_ids(hf_tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> tuple[int, ...]:
+    """The named special tokens and every added token marked special, eos excepted, below ``vocab_size``."""
+    ids = {int(i) for i in hf_tokenizer.all_special_ids}
+    ids |= {int(i) for i, token in hf_tokenizer.added_tokens_decoder.items() if token.special}
+    return tuple(sorted(i for i in ids if 0 <= i < vocab_size and i not in set(eos_token_ids)))
 
 
 def _short(message: str, limit: int = 500) -> str:

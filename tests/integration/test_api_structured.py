@@ -277,6 +277,8 @@ def test_the_same_schema_serves_request_after_request(http: httpx.Client) -> Non
         ({"response_format": {"type": "json_object"}, "stop": ["}"]}, "stop"),
         ({"structured_outputs": {"choice": ["yes", "no"]}, "stop": "e"}, "stop"),
         ({"response_format": {"type": "json_object"}, "stop_token_ids": [5]}, "stop_token_ids"),
+        # needs the text of a special token, which no ordinary token of the demo vocabulary spells
+        ({"structured_outputs": {"grammar": 'start: "<|system|>"\n'}}, "structured_outputs.grammar"),
         ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
         ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
     ],

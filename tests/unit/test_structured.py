@@ -149,3 +149,40 @@ def test_sampler_respects_the_mask_greedy_sampled_and_logprobs() -> None:
         for row in out.logprobs.to_host([5, 5]):
             assert set(row.top_ids[:2]) == {35, 36}
             assert all(lp <= -9999.0 for lp in row.top_logprobs[2:])  # -inf, reported JSON-safe
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        GrammarSpec("grammar", 'start: "<|system|>" "x"\n', "structured_outputs.grammar"),
+        GrammarSpec("regex", r"<\|system\|>x", "structured_outputs.regex"),
+    ],
+)
+def test_the_mask_never_offers_a_special_token_the_matcher_refuses(
+    compiler: GrammarCompiler, hf_tokenizer: Any, spec: GrammarSpec
+) -> None:
+    # llguidance's own mask admits the special token whose text is the literal the grammar needs next, and
+    # then refuses to consume it (a token sampled from it failed the request with a 500). Ours leaves it out.
+    special = hf_tokenizer.convert_tokens_to_ids("<|system|>")
+    assert special in hf_tokenizer.all_special_ids
+    raw = llguidance.torch.allocate_token_bitmask(1, len(hf_tokenizer))
+    llguidance.torch.fill_next_token_bitmask(compiler.compile(spec).matcher, raw)
+    assert allowed_tokens(raw, len(hf_tokenizer))[0, special]  # the premise: remove this test once fixed
+    constraint = compiler.compile(spec)
+    assert not constraint.accept(special)
+    ours = allowed_tokens(
+        fill_token_bitmask(1, len(hf_tokenizer), [(0, compiler.compile(spec))]), len(hf_tokenizer)
+    )
+    assert not ours[0, special]
+
+
+def test_a_special_token_the_grammar_names_stays_allowed(
+    compiler: GrammarCompiler, hf_tokenizer: Any
+) -> None:
+    special = hf_tokenizer.convert_tokens_to_ids("<|system|>")
+    spec = GrammarSpec("grammar", f'start: "a" <[{special}]> "b"\n', "structured_outputs.grammar")
+    constraint = compiler.compile(spec)
+    assert constraint.accept(hf_tokenizer.convert_tokens_to_ids("a"))
+    allowed = allowed_tokens(fill_token_bitmask(1, len(hf_tokenizer), [(0, constraint)]), len(hf_tokenizer))
+    assert allowed[0].nonzero().flatten().tolist() == [special]
+    assert constraint.accept(special)
