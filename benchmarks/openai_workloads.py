@@ -210,9 +210,23 @@ def per_token_gaps(record: StreamedRequest, since: float, until: float) -> tuple
 
 
 def summarize_closed(records: list[StreamedRequest], since: float, until: float) -> dict[str, Any]:
-    """Headline figures of the chunks and requests inside the window ``[since, until)``."""
-    in_window = [c for r in records for c in r.chunks if since <= c.at < until]
-    output_tokens = sum(c.tokens for c in in_window)
+    """Headline figures of the chunks and requests inside the window ``[since, until)``.
+
+    Tokens a server merged into a later chunk were delivered all the same: a finished request's chunks count
+    its final ``usage`` (each chunk scaled by usage / seen); a request hung up on at the window's end, which
+    has no final usage, is scaled by the ratio over the finished ones."""
+    finished = [r for r in records if r.status == "ok" and r.completion_tokens is not None]
+    seen_finished = sum(r.tokens_seen for r in finished)
+    finished_ids = {id(r) for r in finished}
+    overall = sum(r.completion_tokens or 0 for r in finished) / seen_finished if seen_finished else 1.0
+
+    def scale(r: StreamedRequest) -> float:
+        return (
+            (r.completion_tokens or 0) / r.tokens_seen if id(r) in finished_ids and r.tokens_seen else overall
+        )
+
+    seen = sum(c.tokens for r in records for c in r.chunks if since <= c.at < until)
+    output_tokens = sum(c.tokens * scale(r) for r in records for c in r.chunks if since <= c.at < until)
     ttfts = [r.ttft for r in records if r.ttft is not None and since <= r.sent < until]
     itl: list[float] = []
     gaps: list[float] = []
@@ -220,12 +234,12 @@ def summarize_closed(records: list[StreamedRequest], since: float, until: float)
         token_gaps, chunk_gaps = per_token_gaps(r, since, until)
         itl += token_gaps
         gaps += chunk_gaps
-    finished = [r for r in records if r.status == "ok" and r.completion_tokens is not None]
     failed = [r for r in records if r.status not in ("ok", "hung_up")]
     window = max(until - since, 1e-9)
     return {
         "window_s": round(window, 3),
-        "output_tokens": output_tokens,
+        "output_tokens": round(output_tokens),
+        "output_tokens_seen_per_chunk": seen,
         "output_tokens_per_s": round(output_tokens / window, 2),
         "requests_started": sum(1 for r in records if since <= r.sent < until),
         "requests_finished": len(finished),
