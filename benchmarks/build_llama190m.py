@@ -50,14 +50,17 @@ class Built:
     adapter_parameters: int
 
 
-def build(out: Path, *, shape: Shape, adapters: int, rank: int, seed: int) -> Built:
-    """Write the base and ``adapters`` adapters of ``rank`` into ``out`` (replacing what was there)."""
+def build(
+    out: Path, *, shape: Shape, adapters: int, rank: int, seed: int, demo_cache: Path | None = None
+) -> Built:
+    """Write the base and ``adapters`` adapters of ``rank`` into ``out`` (replacing what was there); the
+    tokenizer is the demo bundle's (built into ``demo_cache``, default ``~/.cache/loraserve``, if absent)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from server.runtime.demo import ensure_demo
 
-    tokenizer = AutoTokenizer.from_pretrained(ensure_demo(progress=False).base)
+    tokenizer = AutoTokenizer.from_pretrained(ensure_demo(demo_cache, progress=False).base)
     base_dir, adapter_root = out / "base", out / "adapters"
     base_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(base_dir)

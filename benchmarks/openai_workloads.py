@@ -20,6 +20,7 @@ after a gap g gives k gaps of g / k; ``chunk_gap_*`` are the raw gaps between ch
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import random
@@ -201,7 +202,7 @@ def per_token_gaps(record: StreamedRequest, since: float, until: float) -> tuple
     """(per-token inter-token latencies, raw chunk gaps) of the chunks arriving in ``[since, until)``."""
     tokens: list[float] = []
     gaps: list[float] = []
-    for before, chunk in zip(record.chunks, record.chunks[1:], strict=False):
+    for before, chunk in itertools.pairwise(record.chunks):
         if since <= chunk.at < until:
             gap = chunk.at - before.at
             gaps.append(gap)
