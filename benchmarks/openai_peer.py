@@ -26,6 +26,7 @@ import os
 import platform
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -92,26 +93,43 @@ def _cpuinfo() -> list[str]:
 
 
 def compare(
-    model: ModelDir, specs: list[ServerSpec], order: list[str], rows: list[Row], log_dir: Path
-) -> dict[str, Any]:
-    """Start each server of ``order`` in turn, run every row against it, stop it; all in one document."""
+    model: ModelDir,
+    specs: list[ServerSpec],
+    order: list[str],
+    rows: dict[str, list[Row]],
+    log_dir: Path,
+    checkpoint: Callable[[list[dict[str, Any]]], None],
+) -> list[dict[str, Any]]:
+    """Start each server of ``order`` in turn, run its ``rows`` against it, stop it; ``checkpoint`` gets
+    the passes so far after each one, so that a run cut short keeps what it measured."""
     by_label = {s.label: s for s in specs}
     passes: list[dict[str, Any]] = []
     for index, label in enumerate(order):
         spec = by_label[label]
+        checkout = spec.checkout()  # per pass: a checkout may move on between passes
         server = start(spec, model, log_dir)
         print(f"[{index + 1}/{len(order)}] {label} up in {server.startup_s} s at {server.url}", flush=True)
         results: dict[str, Any] = {}
         try:
-            for row in rows:
+            for row in rows[label]:
                 load_before = os.getloadavg()[0]
                 results[row.name] = asyncio.run(run_row(server.url, row))
                 results[row.name]["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
                 print(f"  {row.name}: {_headline(results[row.name])}", flush=True)
         finally:
             code = server.stop()
-        passes.append({"server": label, "startup_s": server.startup_s, "exit_code": code, "rows": results})
-    return {"passes": passes}
+        passes.append(
+            {
+                "server": label,
+                "checkout": checkout,
+                "command": server.command,
+                "startup_s": server.startup_s,
+                "exit_code": code,
+                "rows": results,
+            }
+        )
+        checkpoint(passes)
+    return passes
 
 
 def _headline(result: dict[str, Any]) -> str:
@@ -196,7 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--reference", default=None, help="label the ratios divide by (default: the last kind vllm)"
     )
-    comp.add_argument("--rows", default="adapters16,base16,adapter1,chat")
+    comp.add_argument("--rows", default="adapters16,base16,adapter1,chat", help="rows run on every server")
+    comp.add_argument(
+        "--rows-for", action="append", default=[], help="LABEL=ROW,ROW: other rows for that server (repeat)"
+    )
     comp.add_argument("--out", type=Path, required=True)
     comp.add_argument("--log-dir", type=Path, default=Path("/tmp/openai_peer_logs"))
     _closed_options(comp)
@@ -238,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     if args.command == "closed":
-        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        models = tuple(_names(args.models))
         result = asyncio.run(run_closed(args.url, _closed_load(args, models, args.streams)))
         _write(args.out, {"url": args.url, "started": stamp, "machine": machine(), **result})
         return 0 if result["errors"] == 0 else 1
@@ -253,27 +274,45 @@ def main(argv: list[str] | None = None) -> int:
     if missing := [label for label in order if label not in labels]:
         raise SystemExit(f"--order names {missing}, which no --server defines")
     reference = args.reference or next((s.label for s in reversed(specs) if s.kind == "vllm"), order[0])
-    names = [r.strip() for r in args.rows.split(",") if r.strip()]
-    rows = rows_for(model, names, _closed_load(args, (), 1), _chat_load(args, BASE_NAME))
-    result = compare(model, specs, order, rows, args.log_dir)
-    document = {
-        "started": stamp,
-        "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "model_dir": str(model.root),
-        "adapters": list(model.adapters),
-        "servers": {
-            s.label: {"kind": s.kind, "venv": str(s.venv), "flags": list(s.flags), "checkout": s.checkout()}
-            for s in specs
-        },
-        "order": order,
-        "reference": reference,
-        "table": table(result["passes"], reference),
-        **result,
-    }
-    _write(args.out, document)
-    errors = sum(r.get("errors", 0) for p in result["passes"] for r in p["rows"].values())
+    closed_load, chat_load = _closed_load(args, (), 1), _chat_load(args, BASE_NAME)
+    rows = {s.label: rows_for(model, _names(args.rows), closed_load, chat_load) for s in specs}
+    for text in args.rows_for:
+        label, _, names = text.partition("=")
+        if label not in rows:
+            raise SystemExit(f"--rows-for names {label!r}, which no --server defines")
+        rows[label] = rows_for(model, _names(names), closed_load, chat_load)
+
+    checkouts = {s.label: s.checkout() for s in specs}
+
+    def document(passes: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "started": stamp,
+            "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "model_dir": str(model.root),
+            "adapters": list(model.adapters),
+            "servers": {
+                s.label: {
+                    "kind": s.kind,
+                    "venv": str(s.venv),
+                    "flags": list(s.flags),
+                    "checkout_at_start": checkouts[s.label],
+                }
+                for s in specs
+            },
+            "order": order,
+            "reference": reference,
+            "table": table(passes, reference),
+            "passes": passes,
+        }
+
+    passes = compare(model, specs, order, rows, args.log_dir, lambda p: _write(args.out, document(p)))
+    errors = sum(r.get("errors", 0) for p in passes for r in p["rows"].values())
     return 0 if errors == 0 else 1
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 if __name__ == "__main__":

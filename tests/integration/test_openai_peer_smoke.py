@@ -77,24 +77,29 @@ def test_compare_starts_each_pass_and_writes_one_document(tmp_path: Path) -> Non
     )
     build(model, shape=shape, adapters=2, rank=4, seed=0, demo_cache=demo_cache_dir())
     out = tmp_path / "compare.json"
-    spec = f"here=loraserve:{sys.prefix}:--quantization none --dtype float32"
+    flags = "--quantization none --dtype float32"
     args = [
-        *("compare", "--model-dir", str(model), "--server", spec, "--order", "here,here"),
+        *("compare", "--model-dir", str(model), "--order", "a,b", "--rows-for", "b=adapter1"),
+        *("--server", f"a=loraserve:{sys.prefix}:{flags}", "--server", f"b=loraserve:{sys.prefix}:{flags}"),
         *("--rows", "adapter1,chat", "--requests", "1", "--max-tokens", "3", "--prompt-tokens", "10"),
         *("--tenants", "1", "--turns", "2", "--system-tokens", "30", "--chat-max-tokens", "3"),
         *("--log-dir", str(tmp_path / "logs"), "--out", str(out)),
     ]
     assert main(args) == 0
     data = json.loads(out.read_text())
-    assert data["order"] == ["here", "here"] and data["reference"] == "here"
+    assert data["order"] == ["a", "b"] and data["reference"] == "a"  # no vLLM side: the first
     assert data["adapters"] == ["a1", "a2"]
-    assert data["servers"]["here"]["checkout"]["commit"]  # the checkout this venv runs
-    assert [p["server"] for p in data["passes"]] == ["here", "here"]
+    assert data["servers"]["b"]["checkout_at_start"]["commit"]  # the checkout this venv runs
+    assert [p["server"] for p in data["passes"]] == ["a", "b"]
     for p in data["passes"]:
-        assert p["exit_code"] == 0 and p["rows"].keys() == {"adapter1", "chat"}
+        assert p["exit_code"] == 0 and p["checkout"]["commit"] and p["command"]
+    assert data["passes"][0]["rows"].keys() == {"adapter1", "chat"}
+    assert data["passes"][1]["rows"].keys() == {"adapter1"}  # --rows-for
+    for p in data["passes"]:
         assert p["rows"]["adapter1"]["requests_finished"] == 1
         assert p["rows"]["adapter1"]["load"]["models"] == ["a1"]
-        assert [t["requests"] for t in p["rows"]["chat"]["turns"]] == [1, 1]
-    figure = data["table"]["adapter1"]["here"]["output_tokens_per_s"]
-    assert len(figure["passes"]) == 2 and figure["vs_reference"] == 1.0
-    assert data["table"]["chat"]["here"]["ttft_later_turns_mean_ms"]["median"] > 0
+    assert [t["requests"] for t in data["passes"][0]["rows"]["chat"]["turns"]] == [1, 1]
+    assert data["table"]["adapter1"]["a"]["output_tokens_per_s"]["vs_reference"] == 1.0
+    assert data["table"]["adapter1"]["b"]["output_tokens_per_s"]["vs_reference"] > 0
+    assert data["table"]["chat"].keys() == {"a"}
+    assert data["table"]["chat"]["a"]["ttft_later_turns_mean_ms"]["median"] > 0
