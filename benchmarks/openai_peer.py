@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                     "kind": s.kind,
                     "venv": str(s.venv),
                     "flags": list(s.flags),
+                    "env": dict(s.env),
                     "checkout_at_start": checkouts[s.label],
                 }
                 for s in specs

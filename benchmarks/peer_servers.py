@@ -6,6 +6,7 @@ free port serving the same model folder (``benchmarks/build_llama190m.py``) unde
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,12 @@ START_TIMEOUT_S = 600.0
 TCMALLOC = Path("/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
 Kind = Literal["loraserve", "vllm"]
+_ENV_WORD = re.compile(r"^[A-Z][A-Z0-9_]*=")
+
+
+def _env_pair(word: str) -> tuple[str, str]:
+    name, _, value = word.partition("=")
+    return name, value
 
 
 @dataclass(slots=True, frozen=True)
@@ -44,12 +51,14 @@ class ModelDir:
 
 @dataclass(slots=True, frozen=True)
 class ServerSpec:
-    """One side of the comparison: ``LABEL=KIND:VENV[:FLAGS]`` on the command line."""
+    """One side of the comparison: ``LABEL=KIND:VENV[:FLAGS]`` on the command line, where a word of FLAGS
+    that reads ``NAME=VALUE`` with an upper-case NAME sets the server's environment instead."""
 
     label: str
     kind: Kind
     venv: Path
     flags: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> ServerSpec:
@@ -58,7 +67,10 @@ class ServerSpec:
         venv, _, flags = rest.partition(":")
         if not label or kind not in ("loraserve", "vllm") or not venv:
             raise ValueError(f"expected LABEL=loraserve|vllm:VENV[:FLAGS], got {text!r}")
-        return cls(label, "loraserve" if kind == "loraserve" else "vllm", Path(venv), tuple(flags.split()))
+        words = flags.split()
+        env = tuple(_env_pair(w) for w in words if _ENV_WORD.match(w))
+        args = tuple(w for w in words if not _ENV_WORD.match(w))
+        return cls(label, "loraserve" if kind == "loraserve" else "vllm", Path(venv), args, env)
 
     def command(self, model: ModelDir, port: int) -> list[str]:
         if self.kind == "loraserve":
@@ -87,7 +99,7 @@ class ServerSpec:
         ]
 
     def environment(self) -> dict[str, str]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **dict(self.env)}
         if self.kind == "vllm":
             cores = os.cpu_count() or 1
             # 4 GiB of KV cache: room for 16 x 2048 tokens of this model (48 KiB a token) with margin.
