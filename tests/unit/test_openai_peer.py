@@ -107,6 +107,17 @@ def test_window_counts_merged_tokens_by_the_final_usage() -> None:
             "v=vllm:/x:--no-enable-prefix-caching",
             ServerSpec("v", "vllm", Path("/x"), ("--no-enable-prefix-caching",)),
         ),
+        # upper-case NAME=VALUE words are the server's environment
+        (
+            "v=vllm:/x:VLLM_CPU_OMP_THREADS_BIND=nobind --max-num-seqs 16 LD_PRELOAD=",
+            ServerSpec(
+                "v",
+                "vllm",
+                Path("/x"),
+                ("--max-num-seqs", "16"),
+                (("VLLM_CPU_OMP_THREADS_BIND", "nobind"), ("LD_PRELOAD", "")),
+            ),
+        ),
     ],
 )
 def test_server_spec_parse(text: str, spec: ServerSpec) -> None:
