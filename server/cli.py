@@ -91,7 +91,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseSett
     for name, field in model.model_fields.items():
         annotation = field.annotation
         default = field.default
-        help_text = f"{field.description} (default: {default}; env LORASERVE_{name.upper()})"
+        help_text = f"{field.description} (default: {default}; env LORASERVE_{name.upper()})".replace(
+            "%", "%%"
+        )
         if annotation is bool:
             parser.add_argument(
                 _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text

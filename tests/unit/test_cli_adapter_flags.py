@@ -33,3 +33,13 @@ def test_good_values_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> None
     assert settings.adapter_load_workers == 8 and settings.preload_adapters is True
     args = build_parser().parse_args(["serve", "--no-preload-adapters"])
     assert settings_from_args(args).preload_adapters is False
+
+
+@pytest.mark.parametrize("command", ["serve", "serve-ray"])
+def test_help_prints_every_flag(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse formats help with %: a description such as "80% of free memory" must not break --help
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--kv-cache-memory" in out and "80% of" in out
