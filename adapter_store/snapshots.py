@@ -44,6 +44,7 @@ from peft import PeftModelForCausalLM, set_peft_model_state_dict
 from adapter_store.bnb_layout import is_cpu_packed, stabilize_4bit_layers
 from adapter_store.loader import AdapterLoadError, read_adapter
 from adapter_store.registry import AdapterSource
+from adapter_store.torch_threads import serial_torch
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,9 @@ class SnapshotManager:
         self._idle = idle_seconds
         self._snaps: dict[str, Snapshot] = {}
         self._retiring: list[Snapshot] = []
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-builder")
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="snapshot-builder", initializer=serial_torch
+        )
         self._changed = threading.Event()
         self._requests_seen = 0
         self._last_idle_check = 0.0

@@ -38,6 +38,7 @@ from adapter_store.bnb_layout import stabilize_4bit_layers
 from adapter_store.loader import AdapterLoadError, LoadedAdapter, inject, peft_name, read_adapter, remove
 from adapter_store.registry import AdapterRefusedError, AdapterRegistry, AdapterSource
 from adapter_store.snapshots import SnapshotManager
+from adapter_store.torch_threads import serial_torch
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,9 @@ class AdapterStore:
         self._requests: collections.Counter[str] = collections.Counter()
         self._lock = threading.RLock()
         self._dirty = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="adapter-loader")
+        self._pool = ThreadPoolExecutor(
+            max_workers=load_workers, thread_name_prefix="adapter-loader", initializer=serial_torch
+        )
         # transformers/PEFT patch torch globally while constructing models: snapshot builds and
         # promotions must not overlap (a promotion waits for the next sync instead of blocking)
         self._construct_lock = threading.Lock()

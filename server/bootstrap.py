@@ -127,8 +127,12 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
 
 
 def build_server(settings: Settings) -> ServerParts:
+    """The serving process's parts. The calling thread loads the model single-threaded and then only serves
+    HTTP: torch's intra-op threads are the engine thread's alone (``adapter_store.torch_threads``)."""
+    from adapter_store.torch_threads import serial_torch
     from server.api.app import create_app
 
+    serial_torch()
     metrics = Metrics(CollectorRegistry(), max_model_len=settings.max_model_len)
     engine, store = build_engine(settings, metrics)
     app = create_app(settings, engine, store=store, metrics=metrics)

@@ -417,6 +417,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         log.info("engine loop started (%d slots, context %d)", self.runner.num_slots, self.max_model_len)
+        self.runner.bind_thread()
         self.runner.set_wakeup(self.wake)
         progressed = False
         while True:

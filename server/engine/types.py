@@ -581,6 +581,11 @@ class ModelRunner(Protocol):
         finished. The engine waits for it instead of polling while every request waits on a load."""
         ...
 
+    def bind_thread(self) -> None:
+        """Called once, on the engine thread, before the first step: the runtime's compute threads (torch's
+        intra-op threads) belong to this thread from now on."""
+        ...
+
     def step(self, batch: Batch) -> StepOutput: ...
 
     def free_slot(self, slot: int) -> None:

@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from adapter_store.store import Lease, ServingStore
+from adapter_store.torch_threads import own_torch_threads
 from server.engine.types import (
     AdapterLease,
     AdapterUnavailableError,
@@ -202,6 +203,10 @@ class ModelRunner:
     def set_wakeup(self, wake: Callable[[], None]) -> None:
         if self.store is not None:
             self.store.set_wakeup(wake)
+
+    def bind_thread(self) -> None:
+        threads = own_torch_threads()
+        log.info("torch intra-op threads on the engine thread: %d", threads)
 
     def free_slot(self, slot: int) -> None:
         self.sampler.free(slot)
