@@ -113,9 +113,21 @@ class ServerSpec:
         return env
 
     def checkout(self) -> dict[str, str | bool] | None:
-        """The git commit of the checkout the venv sits in (a loraserve side), with whether it is dirty."""
-        root = self.venv.resolve().parent
-        if self.kind != "loraserve" or not (root / ".git").exists():
+        """The git commit of the checkout the venv runs (a loraserve side: where its ``server`` package is
+        imported from, a venv in the checkout or not), with whether it is dirty."""
+        if self.kind != "loraserve":
+            return None
+        where = subprocess.run(
+            [str(self.venv / "bin" / "python"), "-c", "import server; print(server.__file__)"],
+            cwd="/",  # not a ``server`` folder the current directory happens to hold
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if where.returncode != 0:
+            return None
+        root = Path(_git(Path(where.stdout.strip()).parent, "rev-parse", "--show-toplevel") or "")
+        if not root.is_absolute():
             return None
         commit = _git(root, "rev-parse", "HEAD")
         subject = _git(root, "log", "-1", "--format=%s")
