@@ -399,15 +399,19 @@ class ModelRunner:
             )
         return out.logits.float()
 
-    # ------------------------------------------------------------------------------------ GPU fast path
+    # ------------------------------------------------------------------------------------ fast paths
     # Slot LoRA (server/runtime/slot_lora.py) routes rows to adapters through a device tensor instead of
-    # PEFT's adapter_names; decode graphs (server/runtime/cuda_graphs.py) replay whole decode steps. Both are
-    # on by default on CUDA; on the CPU PEFT's mixed-batch forward stays the path (and the reference).
+    # PEFT's adapter_names; decode graphs (server/runtime/cuda_graphs.py) replay whole decode steps (CUDA).
+    # Slot LoRA is on by default on CUDA and on the CPU; PEFT's mixed-batch forward stays the reference and
+    # serves the adapters the slots cannot hold.
 
     def _init_fast_path(self, cuda_graphs: bool, slot_lora: bool | None, max_lora_rank: int) -> None:
         use_graphs = cuda_graphs and self.device.type == "cuda"
         self.slot_lora: SlotLoRA | None = None
-        if (use_graphs if slot_lora is None else slot_lora) and self.store is not None:
+        # default: on with CUDA graphs (they need it) and on the CPU, where PEFT's per-layer Python loop over
+        # a step's adapters cost more than the dense slot matmuls
+        use_slots = (use_graphs or self.device.type == "cpu") if slot_lora is None else slot_lora
+        if use_slots and self.store is not None:
             self.slot_lora = SlotLoRA(
                 self.base_model,
                 num_slots=self.store.max_gpu_adapters,
@@ -479,6 +483,9 @@ class ModelRunner:
             yield adapter_names if _is_peft(model) else None
             return
         keys = [_adapter_key(name) for name in adapter_names]
+        if all(key is None for key in keys):
+            yield None  # base rows only: no delta to add (the hooks add none outside routing)
+            return
         slotted = [key is None or slot_lora.supports(key) for key in keys]
         row_slots = torch.tensor(
             [

@@ -31,7 +31,7 @@ The delta is added by forward hooks on the *base* linear modules (the very modul
 ``base_layer``, so the hooks survive PEFT wrapping them), and PEFT's own LoRA layers are switched off while
 slot routing is enabled. ``routing(..., peft_rows=True)`` switches them back on for one forward, so rows
 routed by PEFT's ``adapter_names`` and rows routed to slots share a step. Switching routing off restores
-PEFT's own forward: it stays the reference (and the CPU serving path).
+PEFT's own forward: it stays the reference (and serves what the slots refuse).
 """
 
 from __future__ import annotations
