@@ -182,7 +182,14 @@ async def _generate(
             raise first.error or EngineError("generation failed")
         settings: Settings = request.app.state.settings
         return EventSourceResponse(
-            sse_events(engine, token_stream, g, fmt, include_usage=body.include_usage),
+            sse_events(
+                engine,
+                token_stream,
+                g,
+                fmt,
+                include_usage=body.include_usage,
+                continuous_usage=body.continuous_usage,
+            ),
             headers=headers,
             sep="\n",
             # On shutdown sse-starlette cancels open streams; give them the drain time to finish first.

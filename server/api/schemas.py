@@ -144,6 +144,9 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     include_usage: bool | None = False
+    # vLLM's extension: with include_usage, every chunk carries the usage so far (per-token accounting for
+    # clients and benchmarks when the detokenizer merges tokens into one chunk)
+    continuous_usage_stats: bool | None = False
 
 
 def _is_default(value: Any, defaults: tuple[Any, ...]) -> bool:
@@ -306,6 +309,11 @@ class GenerationFields(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options is not None and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage on every chunk (vLLM's ``continuous_usage_stats``, which needs ``include_usage``)."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     def sampling_params(
         self, *, logprobs: int | None, prompt_logprobs: int | None, choice: int = 0

@@ -488,13 +488,22 @@ async def sse_events(
     fmt: ResponseFormat,
     *,
     include_usage: bool,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[ServerSentEvent]:
     """TokenEvents -> SSE chunks (each carries one choice, tagged with its ``index``), ending with
     ``data: [DONE]``. An engine error mid-stream becomes ``data: {"error": {...}}`` then ``[DONE]``, and
-    aborts the request's other choices. Cancellation (the client left) aborts every choice once."""
+    aborts the request's other choices. Cancellation (the client left) aborts every choice once. With
+    ``continuous_usage`` every chunk carries the response's usage so far (vLLM's ``continuous_usage_stats``):
+    a chunk's tokens are the growth of ``completion_tokens``, also where one chunk holds several tokens."""
+
+    def emit(chunk: BaseModel) -> ServerSentEvent:
+        if continuous_usage:
+            chunk = chunk.model_copy(update={"usage": g.usage})
+        return _sse(chunk)
+
     try:
         for opening in fmt.opening_chunks(g):
-            yield _sse(opening)
+            yield emit(opening)
         async for event in stream:
             choice = g.absorb(event)
             if event.finish_reason is FinishReason.ERROR:
@@ -503,10 +512,10 @@ async def sse_events(
                 yield ServerSentEvent(data=json.dumps(engine_error_body(error)))
                 break
             for chunk in fmt.chunks(g, choice, event):
-                yield _sse(chunk)
+                yield emit(chunk)
         else:
             if include_usage:
-                yield _sse(fmt.usage_chunk(g))
+                yield emit(fmt.usage_chunk(g))
         yield ServerSentEvent(data=DONE)
     except (asyncio.CancelledError, GeneratorExit):
         if not g.finished:

@@ -118,6 +118,55 @@ def test_completion_stream_include_usage(http: httpx.Client, base_id: str) -> No
     assert all("usage" not in c for c in chunks[:-1])
 
 
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_stream_continuous_usage_counts_every_chunks_tokens(
+    http: httpx.Client, base_id: str, endpoint: str
+) -> None:
+    """vLLM's ``continuous_usage_stats``: every chunk carries the usage so far, so a chunk's tokens are the
+    growth of ``completion_tokens`` (the tokens its logprobs list, also where it merged several)."""
+    request: dict[str, Any] = {
+        "model": base_id,
+        "max_tokens": 12,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    if endpoint == "chat":
+        request |= {"messages": MESSAGES, "logprobs": True, "top_logprobs": 1}
+        path, schema = "/v1/chat/completions", "CreateChatCompletionStreamResponse"
+    else:
+        request |= {"prompt": PROMPT, "logprobs": 1}
+        path, schema = "/v1/completions", "CreateCompletionResponse"
+    with http.stream("POST", path, json=request) as response:
+        assert response.status_code == 200
+        chunks, done = read_stream(response)
+    assert done and all("usage" in c for c in chunks)
+    counted = 0
+    for chunk in chunks:
+        if endpoint == "chat":
+            validate(schema, chunk)
+        else:
+            validate(schema, chunk, streamed_completion=True)
+        usage = chunk["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        grew = usage["completion_tokens"] - counted
+        counted = usage["completion_tokens"]
+        logprobs = chunk["choices"][0].get("logprobs") if chunk["choices"] else None
+        if endpoint == "chat":
+            carried = len(logprobs["content"]) if logprobs else 0
+        else:
+            carried = len(logprobs["tokens"]) if logprobs else 0
+        assert grew == carried, chunk
+    assert counted == 12 and chunks[-1]["choices"] == []
+
+    # without include_usage the extension asks for nothing
+    request["stream_options"] = {"continuous_usage_stats": True}
+    with http.stream("POST", path, json=request) as response:
+        chunks, done = read_stream(response)
+    assert done and all("usage" not in c for c in chunks)
+
+
 # --------------------------------------------------------------------------------------------- chat
 
 

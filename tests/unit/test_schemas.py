@@ -184,6 +184,10 @@ BAD_COMPLETION_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"stream": "true"}, "stream"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"stream": True, "stream_options": {"include_usage": "y"}}, "stream_options.include_usage"),
+    (
+        {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": 1}},
+        "stream_options.continuous_usage_stats",
+    ),
     ({"logprobs": 21}, "logprobs"),
     ({"logprobs": -1}, "logprobs"),
     ({"logprobs": True}, "logprobs"),
