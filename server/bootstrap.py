@@ -96,6 +96,7 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
         max_model_len=settings.max_model_len,
         store=store,
         cuda_graphs=settings.cuda_graphs,
+        cpu_prepack=settings.cpu_prepack,
         max_lora_rank=settings.max_lora_rank,
         logprobs_mode=settings.logprobs_mode,
         kv_cache_memory=settings.kv_cache_memory,

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     max_loras_per_batch: int = Field(8, ge=1, description="distinct adapters in one step")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs (CUDA only)")
+    cpu_prepack: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="pack bf16 linear weights for oneDNN once (CPU, --quantization none): 1.3-1.7x faster "
+        "linears for one more copy of their weights; auto: when the copy fits in a quarter of free memory",
+    )
     logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = Field(
         "raw_logprobs",
         description="logprobs of the model's logits (vLLM's default) or of the distribution sampled from",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from server.runtime.attention import MaskLayout
 from server.runtime.cuda_graphs import DecodeGraphs, DecodeRow
 from server.runtime.kv_cache import KVGeometry, PagedKVCache, PagedPlacement
 from server.runtime.packing import Lane, PackedStep, attention_size, pack_lanes
+from server.runtime.prepack import CpuPrepack, prepack
 from server.runtime.sampler import LogprobsMode, Sampler, SamplerOutput, position_logprobs
 from server.runtime.slot_lora import SlotLoRA
 from server.runtime.token_bitmask import fill_token_bitmask
@@ -83,6 +85,7 @@ class ModelRunner:
         max_model_len: int,
         store: ServingStore | None = None,
         cuda_graphs: bool = True,
+        cpu_prepack: CpuPrepack = "auto",
         slot_lora: bool | None = None,
         max_lora_rank: int = 16,
         logprobs_mode: LogprobsMode = "raw_logprobs",
@@ -126,6 +129,10 @@ class ModelRunner:
         self._started: set[int] = set()  # slots whose sampling state is set (kept across a preemption)
         self._masks = MaskLayout.of(model, self.dtype)
         self._init_fast_path(cuda_graphs and self._masks.is_plain, slot_lora, max_lora_rank)
+        # bf16 linears packed for oneDNN (CPU): the shared model now, each snapshot when it first runs
+        self._cpu_prepack: CpuPrepack = cpu_prepack
+        self._prepacked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+        self._prepack(self._shared_model)
         log.info(
             "KV memory: %d blocks x %d tokens (%d tokens) = %.1f MiB on %s, up to %d sequences",
             num_blocks,
@@ -385,6 +392,7 @@ class ModelRunner:
         """One forward over ``input_ids`` [B, S]; returns the logits of columns ``keep`` [K]: [B, K, V] in
         float32."""
         kwargs: dict[str, object] = {}
+        self._prepack(model)
         with self._adapter_routing(model, adapter_names) as peft_names:
             if peft_names is not None:
                 kwargs["adapter_names"] = peft_names
@@ -400,6 +408,14 @@ class ModelRunner:
         return out.logits.float()
 
     # ------------------------------------------------------------------------------------ fast paths
+
+    def _prepack(self, model: torch.nn.Module) -> None:
+        """Pack ``model``'s bf16 linears for oneDNN once (``server.runtime.prepack``): a snapshot's after
+        its merge, when it first runs."""
+        if self.device.type == "cpu" and model not in self._prepacked:
+            prepack(model, self._cpu_prepack)
+            self._prepacked.add(model)
+
     # Slot LoRA (server/runtime/slot_lora.py) routes rows to adapters through a device tensor instead of
     # PEFT's adapter_names; decode graphs (server/runtime/cuda_graphs.py) replay whole decode steps (CUDA).
     # Slot LoRA is on by default on CUDA and on the CPU; PEFT's mixed-batch forward stays the reference and

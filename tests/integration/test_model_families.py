@@ -245,3 +245,45 @@ def test_an_unproven_architecture_is_refused_at_start(
     assert main(["serve", "--model", str(folder), "--device", "cpu", "--port", "0"]) == 1
     err = capsys.readouterr().err
     assert "GPT2LMHeadModel" in err and "'gpt2'" in err and "not served" in err
+
+
+@pytest.mark.slow
+def test_bf16_prepacked_linears_serve_the_tokens_of_plain_ones(families) -> None:  # type: ignore[no-untyped-def]
+    """bf16 without quantization: the runner packs the base's linears for oneDNN (server/runtime/prepack.py),
+    bit-identical to ``F.linear``, so the engine's tokens for the base and the adapter, alone and batched, are
+    those of the same engine with packing off (bf16 rounding keeps both from a full-forward reference)."""
+    from server.runtime.prepack import PACKED, supported
+
+    if not supported(torch.device("cpu")):
+        pytest.skip("no oneDNN bf16 on this CPU")
+    base, adapter = families["llama"]
+    tokens: dict[str, list[list[list[int]]]] = {}
+    with one_torch_thread():
+        for mode in ("off", "on"):
+            settings = Settings(
+                device="cpu",
+                model=str(base),
+                adapter_dir=adapter.parent,
+                quantization="none",
+                dtype="bfloat16",
+                cpu_prepack=mode,
+                max_num_seqs=8,
+                max_model_len=128,
+                max_gpu_adapters=2,
+            )
+            engine, store = build_engine(settings)
+            model = engine.runner.base_model
+            assert any(hasattr(m, PACKED) for m in model.modules()) == (mode == "on")
+            engine.start()
+            try:
+                tokens[mode] = [
+                    served(engine, None),
+                    served(engine, "tenant"),
+                    served(engine, "tenant", beside=(None,)),
+                    served(engine, None, beside=("tenant",)),
+                ]
+            finally:
+                engine.stop()
+                store.close()  # type: ignore[attr-defined]
+    assert tokens["on"] == tokens["off"]
+    assert tokens["on"][0] != tokens["on"][1]  # the adapter changes the tokens: its rows really ran
