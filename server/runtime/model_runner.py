@@ -37,7 +37,7 @@ from server.engine.types import (
 from server.runtime.attention import MaskLayout
 from server.runtime.cuda_graphs import DecodeGraphs, DecodeRow
 from server.runtime.kv_cache import KVGeometry, PagedKVCache, PagedPlacement
-from server.runtime.packing import Lane, PackedStep, attention_size, pack_lanes
+from server.runtime.packing import MIXED, Lane, PackedStep, attention_size, pack_lanes
 from server.runtime.prepack import CpuPrepack, prepack
 from server.runtime.sampler import LogprobsMode, Sampler, SamplerOutput, position_logprobs
 from server.runtime.slot_lora import SlotLoRA
@@ -249,7 +249,7 @@ class ModelRunner:
             for lanes in self._plans(group, batch):
                 packed = pack_lanes(lanes, batch, self.kv)
                 keep = packed.keep_columns(batch, lanes, sampling)  # [K] columns whose logits are read
-                out = self._forward_packed(group.model, packed, lanes, keep)  # [B, K, V]
+                out = self._forward_packed(group.model, packed, lanes, batch, keep)  # [B, K, V]
                 column = {int(c): k for k, c in enumerate(keep.tolist())}
                 for lane_idx, lane in enumerate(lanes):
                     for row, start in zip(lane.rows, packed.starts[lane_idx], strict=True):
@@ -265,7 +265,7 @@ class ModelRunner:
         return output
 
     def _forward_packed(
-        self, model: torch.nn.Module, packed: PackedStep, lanes: list[Lane], keep: torch.Tensor
+        self, model: torch.nn.Module, packed: PackedStep, lanes: list[Lane], batch: Batch, keep: torch.Tensor
     ) -> torch.Tensor:
         mask = self._masks.build(
             packed.mask().to(self.device),
@@ -275,8 +275,15 @@ class ModelRunner:
         self.kv.placement = PagedPlacement(
             write_slots=packed.write_slots.to(self.device), read_blocks=packed.read_blocks.to(self.device)
         )
+        mixed = any(lane.adapter == MIXED for lane in lanes)
         return self._forward(
-            model, packed.input_ids, packed.positions, mask, [lane.adapter for lane in lanes], keep=keep
+            model,
+            packed.input_ids,
+            packed.positions,
+            mask,
+            [lane.adapter for lane in lanes],
+            keep=keep,
+            token_adapters=packed.token_adapters(lanes, batch, BASE_ADAPTER) if mixed else None,
         )
 
     def _prompt_logprobs(
@@ -343,7 +350,8 @@ class ModelRunner:
     def _plans(self, group: _Group, batch: Batch) -> list[list[Lane]]:
         """The forwards of one group, each a list of lanes (batch rows). A decode step: one lane per
         sequence (each attends over its own blocks only). A step with prompt chunks: one lane per adapter
-        version, decode rows and chunks together, in one forward. Its decode rows run in a forward of
+        version (one for all when the slots hold every adapter), decode rows and chunks together, in one
+        forward. Its decode rows run in a forward of
         their own instead when packing costs more than the second forward: a lane's attention is (its
         tokens) x (its sequences' keys), past ``PACKED_ATTENTION_LIMIT``; or lanes of other adapters are
         padded to the chunk's width, past ``PADDING_SPLIT`` times the tokens of the two forwards."""
@@ -366,13 +374,17 @@ class ModelRunner:
         return split if too_wide or padded else [packed]
 
     def _lanes(self, group: _Group, batch: Batch, rows: list[int], *, per_row: bool) -> list[Lane]:
-        """``rows`` as lanes: one per row, or one per adapter version (a snapshot's rows: no adapter)."""
+        """``rows`` as lanes: one per row, or one per adapter version (a snapshot's rows: no adapter), or,
+        when the slots hold every adapter among them, one lane for all (routed token by token)."""
         seqs = batch.seqs
         shared = group.model is self._shared_model
         if per_row:
             return [Lane(_version(seqs[r]) if shared else BASE_ADAPTER, [r]) for r in rows]
         if not shared:
             return [Lane(BASE_ADAPTER, list(rows))]
+        versions = [_version(seqs[r]) for r in rows]
+        if len(set(versions)) > 1 and self._all_slotted(versions):
+            return [Lane(MIXED, list(rows), row_adapters=versions)]
         lanes: dict[str, Lane] = {}
         for row in rows:
             name = _version(seqs[row])
@@ -388,12 +400,19 @@ class ModelRunner:
         adapter_names: list[str],
         *,
         keep: torch.Tensor,
+        token_adapters: list[list[str]] | None = None,
     ) -> torch.Tensor:
         """One forward over ``input_ids`` [B, S]; returns the logits of columns ``keep`` [K]: [B, K, V] in
-        float32."""
+        float32. ``token_adapters`` [B][S]: each column's adapter, for lanes of several adapters (slot
+        LoRA routes them token by token)."""
         kwargs: dict[str, object] = {}
         self._prepack(model)
-        with self._adapter_routing(model, adapter_names) as peft_names:
+        keep = keep.to(self.device)
+        if token_adapters is not None:
+            routing = self._token_routing(token_adapters, keep)
+        else:
+            routing = self._adapter_routing(model, adapter_names)
+        with routing as peft_names:
             if peft_names is not None:
                 kwargs["adapter_names"] = peft_names
             out = model(
@@ -402,7 +421,7 @@ class ModelRunner:
                 attention_mask=mask,
                 past_key_values=self.kv,
                 use_cache=True,
-                logits_to_keep=keep.to(self.device),
+                logits_to_keep=keep,
                 **kwargs,
             )
         return out.logits.float()
@@ -485,6 +504,32 @@ class ModelRunner:
         kv_len = bucket(max(seq.num_tokens for seq in seqs), self._max_model_len, MIN_KV_BUCKET)
         tokens = graphs.run(rows, kv_len, decode_rows, self.sampler.features())
         return StepOutput(token_ids=[tokens[seq.slot] for seq in seqs])
+
+    def _all_slotted(self, versions: list[str]) -> bool:
+        """Whether slot LoRA serves every one of ``versions`` (base rows need no slot)."""
+        slot_lora = self.slot_lora
+        if slot_lora is None:
+            return False
+        keys = [_adapter_key(v) for v in versions]
+        return all(key is None or slot_lora.supports(key) for key in keys)
+
+    @contextlib.contextmanager
+    def _token_routing(
+        self, token_adapters: list[list[str]], keep: torch.Tensor
+    ) -> Iterator[list[str] | None]:
+        """Route every column of a forward over MIXED lanes to its adapter's slot (the slots hold them
+        all: see ``_lanes``)."""
+        slot_lora = self.slot_lora
+        assert slot_lora is not None  # MIXED lanes are built only with slot LoRA
+        slot_of: dict[str, int] = {}
+        for name in {n for lane in token_adapters for n in lane}:
+            key = _adapter_key(name)
+            slot_of[name] = slot_lora.base_slot if key is None else slot_lora.slot_of(key)
+        token_slots = torch.tensor(
+            [[slot_of[n] for n in lane] for lane in token_adapters], device=self.device
+        )
+        with slot_lora.routing(token_slots, keep=keep):
+            yield None  # no adapter_names: the slots route every row
 
     @contextlib.contextmanager
     def _adapter_routing(

@@ -2,7 +2,8 @@
 
 A lane is one batch row of the forward: sequences on one adapter, their new tokens one after the other
 (no padding inside a lane), each with its position, attending over the blocks that hold its own tokens
-under a block-diagonal causal mask. Lanes are padded to the widest lane only.
+under a block-diagonal causal mask. Lanes are padded to the widest lane only. With slot LoRA one lane may
+hold sequences of several adapters (``MIXED``): its tokens are routed to their adapters' slots one by one.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import torch
 from server.engine.types import Batch
 from server.runtime.kv_cache import PagedKVCache
 
+MIXED = "__mixed__"  # a lane's adapter when its rows name theirs in ``row_adapters``
+
 
 @dataclass(slots=True)
 class Lane:
     """One batch row of a packed forward: sequences (batch rows) on one adapter, one after the other."""
 
-    adapter: str  # the adapter version's name, or BASE_ADAPTER
+    adapter: str  # the adapter version's name, BASE_ADAPTER, or MIXED
     rows: list[int]
+    row_adapters: list[str] | None = None  # a MIXED lane: each row's adapter version (or BASE_ADAPTER)
 
 
 @dataclass(slots=True)
@@ -61,6 +65,18 @@ class PackedStep:
                 elif row in sampled:
                     wanted.add(start + n - 1)
         return torch.tensor(sorted(wanted) or [0], dtype=torch.long)
+
+    def token_adapters(self, lanes: list[Lane], batch: Batch, pad: str) -> list[list[str]]:
+        """[B][S]: the adapter of every query column (``pad`` for padding), for per-token routing."""
+        width = self.input_ids.shape[1]
+        out = []
+        for lane, starts in zip(lanes, self.starts, strict=True):
+            names = [pad] * width
+            for j, (row, start) in enumerate(zip(lane.rows, starts, strict=True)):
+                name = lane.row_adapters[j] if lane.row_adapters is not None else lane.adapter
+                names[start : start + batch.num_new_tokens[row]] = [name] * batch.num_new_tokens[row]
+            out.append(names)
+        return out
 
 
 def attention_size(lanes: list[Lane], batch: Batch, block_size: int) -> int:

@@ -128,7 +128,9 @@ class SlotLoRA:
         self._unsupported: dict[str, str] = {}  # adapter key -> why
         self._peft_layers: list[torch.nn.Module] = []  # PEFT LoRA layers in the model, to switch on/off
         self._enabled = False
-        self._row_mask: torch.Tensor | None = None  # [B, S*r_max] while routing
+        self._row_mask: torch.Tensor | None = None  # [B, S*r_max] while routing rows
+        # while routing tokens: their masks by token count, [B*T, S*r_max] (and the kept columns')
+        self._token_masks: dict[int, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------- store events
     def prepare(self, config: Any, state_dict: Mapping[str, torch.Tensor]) -> SlotWeights:
@@ -212,9 +214,15 @@ class SlotLoRA:
         self._apply_enabled()
 
     @contextmanager
-    def routing(self, row_slots: torch.Tensor, *, peft_rows: bool = False) -> Iterator[None]:
+    def routing(
+        self, row_slots: torch.Tensor, *, peft_rows: bool = False, keep: torch.Tensor | None = None
+    ) -> Iterator[None]:
         """Route the forwards inside to ``row_slots`` [B] (int64 on the device; ``base_slot`` for base rows).
         Pure tensor ops on ``row_slots``: a graph captured inside reads whatever the tensor holds at replay.
+
+        ``row_slots`` [B, T] routes each token instead (a packed row holding several adapters' sequences);
+        ``keep`` [K] names the columns the forward keeps for its head (``logits_to_keep``), whose inputs a
+        hook on an adapted head sees.
 
         ``peft_rows``: PEFT's LoRA layers are on inside too, for a forward that passes ``adapter_names``
         naming the adapters of the rows whose slot is ``base_slot`` (and ``"__base__"`` for the others):
@@ -222,15 +230,24 @@ class SlotLoRA:
         if not self._enabled:
             raise RuntimeError("SlotLoRA.routing needs enabled = True")
         slots = torch.arange(self.num_slots, device=row_slots.device)
-        one_hot = (row_slots[:, None] == slots[None, :]).to(self.dtype)  # [B, S]
-        rows = row_slots.shape[0]
-        self._row_mask = one_hot[:, :, None].expand(rows, self.num_slots, self.r_max).reshape(rows, -1)
+        one_hot = (row_slots[..., None] == slots).to(self.dtype)  # [B, S] or [B, T, S]
+        per_slot = (*one_hot.shape, self.r_max)
+        mask = one_hot[..., None].expand(per_slot).reshape(*row_slots.shape, -1)  # [B(, T), S*r]
+        if row_slots.dim() == 1:
+            self._row_mask = mask
+        else:
+            flat = mask.reshape(-1, mask.shape[-1])
+            self._token_masks = {flat.shape[0]: flat}
+            if keep is not None:
+                kept = mask[:, keep].reshape(-1, mask.shape[-1])
+                self._token_masks.setdefault(kept.shape[0], kept)
         if peft_rows:
             self._set_peft_layers(disabled=False)
         try:
             yield
         finally:
             self._row_mask = None
+            self._token_masks = None
             if peft_rows:
                 self._apply_enabled()
 
@@ -315,15 +332,20 @@ class SlotLoRA:
         def add_delta(
             module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor
         ) -> torch.Tensor:
-            mask = self._row_mask
-            if not self._enabled or mask is None:
+            mask, token_masks = self._row_mask, self._token_masks
+            if not self._enabled or (mask is None and token_masks is None):
                 return out
             x = args[0]
-            rows = mask.shape[0]
             a = layer.lora_a.view(-1, layer.lora_a.shape[-1])  # [S*r, in]
             b = layer.lora_b.view(-1, layer.lora_b.shape[-1])  # [S*r, out]
-            h = (x.to(self.dtype).reshape(rows, -1, a.shape[1]) @ a.T) * mask[:, None, :]  # [B, T, S*r]
-            delta_in = h.reshape(-1, a.shape[0])  # [B*T, S*r]
+            if token_masks is not None:
+                tokens = x.to(self.dtype).reshape(-1, a.shape[1])  # [B*T, in]
+                delta_in = (tokens @ a.T) * token_masks[tokens.shape[0]]  # [B*T, S*r]
+            else:
+                assert mask is not None
+                rows = mask.shape[0]
+                h = (x.to(self.dtype).reshape(rows, -1, a.shape[1]) @ a.T) * mask[:, None, :]  # [B, T, S*r]
+                delta_in = h.reshape(-1, a.shape[0])  # [B*T, S*r]
             y = torch.addmm(out.reshape(-1, b.shape[1]).to(self.dtype), delta_in, b)  # [B*T, out]
             return y.to(out.dtype).view(out.shape)
 

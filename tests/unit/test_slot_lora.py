@@ -286,3 +286,27 @@ def test_slot_rows_and_peft_rows_share_a_forward(peft_model: PeftModel) -> None:
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
     assert not torch.allclose(without[0], expected[0], atol=1e-3)
     torch.testing.assert_close(without[1:3], expected[1:3], atol=ATOL, rtol=RTOL)
+
+
+@torch.inference_mode()
+def test_token_routing_gives_each_token_its_adapter(peft_model: PeftModel) -> None:
+    """One packed row holding several adapters' sequences: ``routing([B, T])`` routes token by token, as
+    PEFT's mixed batch does with each token as a row of its own; ``keep`` routes the columns a forward keeps
+    for its head."""
+    slots = _slot_lora(peft_model)
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj  # a PEFT LoRA layer
+    names = ["s1", "s1", BASE, "s3", "s3", "s3", "s2", BASE]
+    x = torch.randn(1, len(names), layer.in_features)
+    expected = layer(x.view(len(names), 1, -1), adapter_names=names).view(1, len(names), -1)
+    token_slots = torch.tensor([[slots.slot_of(None if n == BASE else n) for n in names]])
+    keep = torch.tensor([1, 5, 6])
+    slots.enabled = True
+    try:
+        with slots.routing(token_slots, keep=keep):
+            got = layer.base_layer(x)
+            kept = layer.base_layer(x[:, keep])
+    finally:
+        slots.enabled = False
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(kept, expected[:, keep], atol=ATOL, rtol=RTOL)
+    assert not torch.allclose(got[0, 0], layer.base_layer(x)[0, 0])  # routing really added a delta
