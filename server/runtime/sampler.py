@@ -66,19 +66,29 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right_logical(x, 31)
 
 
+UNIFORM_BITS = 23  # hash bits per uniform draw: (x + 0.5) / 2**23 is exact in float32
+
+
 def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Gumbel(0, 1) noise ``[B, V]`` float32, a pure function of (seed, step, token id) per entry.
 
     ``seeds``, ``steps``: ``[B]`` int64. Two hash rounds: one per row (seed, step), one per token id.
-    The top 24 bits of the hash give a uniform ``u`` in (0, 1) (exactly representable in float32, never 0
-    or 1), and ``-log(-log(u))`` is Gumbel. 24 bits cap the noise at about 17.3: a token whose probability
-    is below about 1e-8 relative to the best is never drawn, far below any sampling that matters.
+    The top ``UNIFORM_BITS`` (23) bits of the hash give a uniform ``u = (x + 0.5) / 2**23`` in (0, 1),
+    exact in float32 (``x + 0.5`` needs 24 bits), so never 0 or 1 and the noise always finite: with 24 bits
+    the largest ``x + 0.5`` rounded to ``2**24``, ``u`` to 1 and the noise to +inf, once in 2**24 draws, and
+    a grammar-masked token (-inf + inf = NaN) won the argmax. 23 bits cap the noise at about 16.6: a token
+    whose probability is below about 6e-8 relative to the best is never drawn.
     """
     row_key = splitmix64(splitmix64(seeds) + (steps + 1) * _STEP_MUL)  # [B]
     token_ids = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)  # [V]
     bits = splitmix64(row_key[:, None] + token_ids[None, :] * _GOLDEN)  # [B, V]
-    uniform = (_shift_right_logical(bits, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # [B, V]
-    return -torch.log(-torch.log(uniform))
+    return -torch.log(-torch.log(open_uniform(bits)))
+
+
+def open_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """int64 hash bits -> float32 uniforms strictly inside (0, 1): ``(x + 0.5) / 2**23`` of the top 23 bits."""
+    top = _shift_right_logical(bits, 64 - UNIFORM_BITS).to(torch.float32)  # in [0, 2**23)
+    return (top + 0.5) * (1.0 / (1 << UNIFORM_BITS))
 
 
 def apply_penalties(

@@ -15,6 +15,7 @@ from server.runtime.sampler import (
     apply_filters,
     apply_penalties,
     gumbel_noise,
+    open_uniform,
     splitmix64,
 )
 
@@ -53,6 +54,18 @@ def test_gumbel_noise_is_a_function_of_seed_step_and_token_only() -> None:
     assert torch.equal(a[0], b[1]) and torch.equal(a[2], b[0])
     assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
     assert torch.isfinite(a).all()
+
+
+def test_uniforms_never_reach_0_or_1_so_the_noise_stays_finite() -> None:
+    """The extreme hashes (all bits set: the old 24-bit mapping rounded it to 1.0, +inf noise, and a token
+    the grammar masked to -inf became NaN and won the argmax, once in 2**24 draws)."""
+    extremes = torch.tensor([-1, 0, 2**63 - 1, -(2**63), 1 << 40], dtype=torch.int64)
+    u = open_uniform(extremes)
+    assert bool(((u > 0) & (u < 1)).all())
+    noise = -torch.log(-torch.log(u))
+    assert torch.isfinite(noise).all()
+    masked = torch.full((5,), float("-inf")) + noise
+    assert not torch.isnan(masked).any()  # a masked token stays -inf whatever its noise
 
 
 # ------------------------------------------------------------------------------------------- penalties
