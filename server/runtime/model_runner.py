@@ -521,10 +521,7 @@ class ModelRunner:
         all: see ``_lanes``)."""
         slot_lora = self.slot_lora
         assert slot_lora is not None  # MIXED lanes are built only with slot LoRA
-        slot_of: dict[str, int] = {}
-        for name in {n for lane in token_adapters for n in lane}:
-            key = _adapter_key(name)
-            slot_of[name] = slot_lora.base_slot if key is None else slot_lora.slot_of(key)
+        slot_of = {name: slot_lora.slot_of(_adapter_key(name)) for lane in token_adapters for name in lane}
         token_slots = torch.tensor(
             [[slot_of[n] for n in lane] for lane in token_adapters], device=self.device
         )

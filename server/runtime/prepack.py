@@ -60,9 +60,8 @@ def prepack(model: torch.nn.Module, mode: CpuPrepack = "auto") -> int:
     """Pack ``model``'s bf16 linears (see the module docstring); returns how many were packed."""
     if mode == "off":
         return 0
-    device = next(model.parameters()).device
-    linears = packable(model)
-    if not linears or not supported(device):
+    linears = packable(model)  # CPU weights only
+    if not linears or not supported(torch.device("cpu")):
         return 0
     extra = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     available = available_memory()
