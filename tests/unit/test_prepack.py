@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.runtime import prepack as pp
+from tests.unit.test_slot_lora import _tiny_llama
 
 pytestmark = pytest.mark.skipif(not pp.supported(torch.device("cpu")), reason="no oneDNN bf16 on this CPU")
 
@@ -21,23 +21,14 @@ LINEARS = 7 * LAYERS + 1  # q k v o gate up down (each a LoRA layer's base_layer
 
 def tiny_llama(dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-    )
-    model = LlamaForCausalLM(config).to(dtype).eval()
+    model = _tiny_llama(LAYERS).to(dtype)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     return get_peft_model(model, lora).to(dtype).eval()
 
 
 @torch.inference_mode()
 def logits(model: torch.nn.Module, rows: int) -> torch.Tensor:
-    ids = torch.arange(rows * 7).remainder(128).view(rows, 7)
+    ids = torch.arange(rows * 7).remainder(64).view(rows, 7)  # _tiny_llama's vocabulary
     return model(input_ids=ids).logits
 
 
