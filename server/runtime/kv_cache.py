@@ -10,7 +10,8 @@ write and which only masked-out columns read. The cache plugs into transformers'
 - ``write_slots`` ``[B, S]``: the flat slot each query token's key/value goes to;
 - ``read_blocks`` ``[B, N]``: the blocks attention reads for each batch row, gathered in order, so row
   ``b`` sees ``N * block_size`` key columns (whole blocks: one copy per block, not per token; the columns
-  past a sequence's last token are masked out).
+  past a sequence's last token are masked out); None when attention reads each sequence's blocks itself
+  (``server.runtime.varlen``, through ``gather``): ``update`` then only writes and returns the new keys.
 
 A row may hold several sequences one after the other (packed, varlen): the runner's mask keeps each query
 on its own sequence's columns. ``place_decode`` builds the placement of a decode step from block tables on
@@ -27,10 +28,11 @@ import torch
 @dataclass(slots=True)
 class PagedPlacement:
     """Where one forward's tokens go and what attention reads. ``write_slots`` [B, S]: flat KV slots (the
-    scratch slot for padding); ``read_blocks`` [B, N]: block ids (the scratch block for padding)."""
+    scratch slot for padding); ``read_blocks`` [B, N]: block ids (the scratch block for padding), None to
+    read nothing (varlen attention gathers per sequence)."""
 
     write_slots: torch.Tensor
-    read_blocks: torch.Tensor
+    read_blocks: torch.Tensor | None
 
 
 @dataclass(slots=True, frozen=True)
@@ -74,6 +76,10 @@ class PagedKVCache:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
+
+    @property
     def num_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
@@ -102,7 +108,7 @@ class PagedKVCache:
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values (``[B, H, S, D]``) and return what attention reads
-        (``[B, H, L, D]``)."""
+        (``[B, H, L, D]``; with ``read_blocks`` None, the keys/values just written)."""
         placement = self.placement
         if placement is None:
             raise RuntimeError("PagedKVCache.update called outside a runner step")
@@ -111,12 +117,20 @@ class PagedKVCache:
         write = placement.write_slots.reshape(-1)
         k_cache.index_copy_(1, write, key_states.transpose(0, 1).reshape(heads, -1, dim).to(k_cache.dtype))
         v_cache.index_copy_(1, write, value_states.transpose(0, 1).reshape(heads, -1, dim).to(v_cache.dtype))
-        rows, blocks = placement.read_blocks.shape
+        if placement.read_blocks is None:
+            return key_states, value_states  # varlen attention reads each sequence's blocks itself
+        return self.gather(layer_idx, placement.read_blocks)
+
+    def gather(self, layer_idx: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``blocks`` [R, N] one after the other per row: ``[R, H, N * block_size, D]``."""
+        k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
+        heads, dim = k_cache.shape[0], k_cache.shape[2]
+        rows, count = blocks.shape
         bs = self.block_size
-        read = placement.read_blocks.reshape(-1)
-        # [H, rows * blocks, bs, D] -> [rows, H, blocks * bs, D]
-        keys = k_cache.view(heads, -1, bs, dim).index_select(1, read).view(heads, rows, blocks * bs, dim)
-        values = v_cache.view(heads, -1, bs, dim).index_select(1, read).view(heads, rows, blocks * bs, dim)
+        read = blocks.reshape(-1)
+        # [H, rows * count, bs, D] -> [rows, H, count * bs, D]
+        keys = k_cache.view(heads, -1, bs, dim).index_select(1, read).view(heads, rows, count * bs, dim)
+        values = v_cache.view(heads, -1, bs, dim).index_select(1, read).view(heads, rows, count * bs, dim)
         return keys.transpose(0, 1), values.transpose(0, 1)
 
     # transformers asks these of a cache object in some code paths
