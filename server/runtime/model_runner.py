@@ -2,9 +2,11 @@
 prompt chunks together), each sequence with its own adapter, its own positions and its own KV blocks.
 
 A step packs its sequences into *lanes*, one batch row per adapter: the lane holds its sequences' new
-tokens one after the other (varlen, no padding inside a lane) with per-token positions, and attention reads
-the lane's sequences' KV blocks (``server.runtime.kv_cache``) under a block-diagonal causal mask. Lanes
-keep PEFT's per-row ``adapter_names`` (and slot LoRA's per-row slots) routing as they are.
+tokens one after the other (varlen, no padding inside a lane) with per-token positions. Models on SDPA
+attend each sequence on its own (``server.runtime.varlen``: decode rows together over their gathered KV
+blocks, prompt chunks over their own keys); eager families read the lane's sequences' KV blocks
+(``server.runtime.kv_cache``) under a block-diagonal causal mask. Lanes keep PEFT's per-row
+``adapter_names`` (and slot LoRA's per-row slots) routing as they are.
 
 A decode step on CUDA replays a captured graph instead (``server.runtime.cuda_graphs``): row ``i`` is slot
 ``i``, ``rows`` a power of two, attention reads ``kv_len`` columns (a power of two) through the rows'
@@ -43,6 +45,7 @@ from server.runtime.sampler import LogprobsMode, Sampler, SamplerOutput, positio
 from server.runtime.slot_lora import SlotLoRA
 from server.runtime.token_bitmask import fill_token_bitmask
 from server.runtime.tokenizer import HFTokenizer
+from server.runtime.varlen import VarlenSegments, use_varlen, varlen_segments
 
 log = logging.getLogger("loraserve.runtime")
 
@@ -133,6 +136,8 @@ class ModelRunner:
         self._cpu_prepack: CpuPrepack = cpu_prepack
         self._prepacked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
         self._prepack(self._shared_model)
+        # attention per sequence inside packed forwards (server.runtime.varlen) on every model that runs SDPA
+        self._varlen: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
         log.info(
             "KV memory: %d blocks x %d tokens (%d tokens) = %.1f MiB on %s, up to %d sequences",
             num_blocks,
@@ -267,14 +272,26 @@ class ModelRunner:
     def _forward_packed(
         self, model: torch.nn.Module, packed: PackedStep, lanes: list[Lane], batch: Batch, keep: torch.Tensor
     ) -> torch.Tensor:
-        mask = self._masks.build(
-            packed.mask().to(self.device),
-            packed.positions.to(self.device),
-            packed.key_positions.to(self.device),
-        )
-        self.kv.placement = PagedPlacement(
-            write_slots=packed.write_slots.to(self.device), read_blocks=packed.read_blocks.to(self.device)
-        )
+        write_slots = packed.write_slots.to(self.device)
+        varlen: VarlenSegments | None = None
+        if self._runs_varlen(model):
+            varlen = varlen_segments(packed, lanes, batch, self.kv)
+            self.kv.placement = PagedPlacement(write_slots=write_slots, read_blocks=None)
+            # transformers passes a 4D mask through untouched; varlen attention reads the segments instead
+            mask: torch.Tensor | dict[str, torch.Tensor] = torch.ones(
+                (*packed.input_ids.shape[:1], 1, packed.input_ids.shape[1], 1),
+                dtype=torch.bool,
+                device=self.device,
+            )
+        else:
+            mask = self._masks.build(
+                packed.mask().to(self.device),
+                packed.positions.to(self.device),
+                packed.key_positions.to(self.device),
+            )
+            self.kv.placement = PagedPlacement(
+                write_slots=write_slots, read_blocks=packed.read_blocks.to(self.device)
+            )
         mixed = any(lane.adapter == MIXED for lane in lanes)
         return self._forward(
             model,
@@ -284,6 +301,7 @@ class ModelRunner:
             [lane.adapter for lane in lanes],
             keep=keep,
             token_adapters=packed.token_adapters(lanes, batch, BASE_ADAPTER) if mixed else None,
+            varlen=varlen,
         )
 
     def _prompt_logprobs(
@@ -351,10 +369,11 @@ class ModelRunner:
         """The forwards of one group, each a list of lanes (batch rows). A decode step: one lane per
         sequence (each attends over its own blocks only). A step with prompt chunks: one lane per adapter
         version (one for all when the slots hold every adapter), decode rows and chunks together, in one
-        forward. Its decode rows run in a forward of
-        their own instead when packing costs more than the second forward: a lane's attention is (its
-        tokens) x (its sequences' keys), past ``PACKED_ATTENTION_LIMIT``; or lanes of other adapters are
-        padded to the chunk's width, past ``PADDING_SPLIT`` times the tokens of the two forwards."""
+        forward. Its decode rows run in a forward of their own instead when packing costs more than the
+        second forward: under masked attention (not varlen, which attends each sequence on its own) a
+        lane's attention is (its tokens) x (its sequences' keys), past ``PACKED_ATTENTION_LIMIT``; or lanes
+        of other adapters are padded to the chunk's width, past ``PADDING_SPLIT`` times the tokens of the
+        two forwards."""
         rows = group.rows
         decode = [r for r in rows if not batch.is_prefill(r)]
         if len(decode) == len(rows):
@@ -367,7 +386,11 @@ class ModelRunner:
             self._lanes(group, batch, decode, per_row=True),
             self._lanes(group, batch, prefill, per_row=False),
         ]
-        too_wide = attention_size(packed, batch, self.kv.block_size) > PACKED_ATTENTION_LIMIT
+        # varlen attention attends each sequence on its own: packing widens nothing but the padding
+        too_wide = (
+            not self._runs_varlen(group.model)
+            and attention_size(packed, batch, self.kv.block_size) > PACKED_ATTENTION_LIMIT
+        )
         # several adapters: every lane is padded to the one holding a chunk; past a point the padding costs
         # more than a second forward
         padded = _padded_tokens(packed, batch) > PADDING_SPLIT * sum(_padded_tokens(p, batch) for p in split)
@@ -401,11 +424,14 @@ class ModelRunner:
         *,
         keep: torch.Tensor,
         token_adapters: list[list[str]] | None = None,
+        varlen: VarlenSegments | None = None,
     ) -> torch.Tensor:
         """One forward over ``input_ids`` [B, S]; returns the logits of columns ``keep`` [K]: [B, K, V] in
         float32. ``token_adapters`` [B][S]: each column's adapter, for lanes of several adapters (slot
-        LoRA routes them token by token)."""
+        LoRA routes them token by token). ``varlen``: the sequences, for attention per sequence."""
         kwargs: dict[str, object] = {}
+        if varlen is not None:
+            kwargs["varlen"] = varlen
         self._prepack(model)
         keep = keep.to(self.device)
         if token_adapters is not None:
@@ -427,6 +453,13 @@ class ModelRunner:
         return out.logits.float()
 
     # ------------------------------------------------------------------------------------ fast paths
+
+    def _runs_varlen(self, model: torch.nn.Module) -> bool:
+        """Whether ``model`` attends per sequence (``server.runtime.varlen``): switched on at its first
+        forward where it runs SDPA (a snapshot is a fresh load, so it is switched when it first runs)."""
+        if model not in self._varlen:
+            self._varlen[model] = use_varlen(model)
+        return self._varlen[model]
 
     def _prepack(self, model: torch.nn.Module) -> None:
         """Pack ``model``'s bf16 linears for oneDNN once (``server.runtime.prepack``): a snapshot's after

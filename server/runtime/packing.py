@@ -1,8 +1,9 @@
 """A step's rows packed into lanes: the host-side layout of one packed (varlen) forward.
 
 A lane is one batch row of the forward: sequences on one adapter, their new tokens one after the other
-(no padding inside a lane), each with its position, attending over the blocks that hold its own tokens
-under a block-diagonal causal mask. Lanes are padded to the widest lane only. With slot LoRA one lane may
+(no padding inside a lane), each with its position, attending over the blocks that hold its own tokens:
+per sequence (``server.runtime.varlen``), or under the block-diagonal causal mask built here for eager
+attention. Lanes are padded to the widest lane only. With slot LoRA one lane may
 hold sequences of several adapters (``MIXED``): its tokens are routed to their adapters' slots one by one.
 """
 

@@ -36,6 +36,7 @@ from server.bootstrap import build_engine
 from server.config import Settings
 from server.engine.engine import AsyncEngine
 from server.engine.types import GenerationRequest, SamplingParams
+from server.runtime.varlen import VARLEN
 from tests.integration.store_helpers import one_torch_thread
 
 N_NEW = 12
@@ -197,6 +198,9 @@ def test_base_and_adapter_equal_a_fresh_model(families, family: str, quantizatio
             assert served(engine, "tenant") == want_adapter, "adapter alone"
             assert served(engine, "tenant", beside=(None,)) == want_adapter, "adapter batched with the base"
             assert served(engine, None, beside=("tenant",)) == want_base, "base batched with the adapter"
+            # packed steps attended per sequence (server.runtime.varlen), but where SDPA cannot run
+            attention = engine.runner.base_model.config._attn_implementation
+            assert attention == ("eager" if family == "gemma2" else VARLEN)
         finally:
             engine.stop()
             store.close()  # type: ignore[attr-defined]
