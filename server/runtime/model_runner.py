@@ -462,7 +462,7 @@ class ModelRunner:
         return self._varlen[model]
 
     def _prepack(self, model: torch.nn.Module) -> None:
-        """Pack ``model``'s bf16 linears for oneDNN once (``server.runtime.prepack``): a snapshot's after
+        """Pack ``model``'s linears for oneDNN once (``server.runtime.prepack``): a snapshot's after
         its merge, when it first runs."""
         if self.device.type == "cpu" and model not in self._prepacked:
             prepack(model, self._cpu_prepack)

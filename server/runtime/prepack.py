@@ -1,12 +1,20 @@
-"""oneDNN-prepacked bf16 linears on the CPU.
+"""oneDNN-prepacked linears on the CPU.
 
-``F.linear`` on a bf16 CPU tensor hands oneDNN a plain row-major weight, which it reorders into its blocked
-layout on every call. Packing each weight once (``torch.ops.mkldnn._reorder_linear_weight``) and running
-``torch.ops.mkldnn._linear_pointwise`` on the packed copy skips that: measured on an Intel Xeon (AMX,
-AVX512-BF16, 2 cores), the 12 layers of the 193M benchmark Llama, bf16, 1.3-1.7x faster for 1-512 rows
-(1.55x at 16), with outputs bit-identical to ``F.linear`` at every row count tried (``PACK_BATCH_HINT``
-16; a hint of 1 changed the accumulation order past 16 rows). float32 gains little and changes the
-results, so only bf16 weights are packed.
+``F.linear`` on a CPU tensor hands the GEMM library a plain row-major weight: oneDNN reorders a bf16 weight
+into its blocked layout on every call, and float32 goes to MKL's sgemm. Packing each weight once
+(``torch.ops.mkldnn._reorder_linear_weight``) and running ``torch.ops.mkldnn._linear_pointwise`` on the
+packed copy skips both:
+
+- bf16, measured on an Intel Xeon (AMX, AVX512-BF16, 2 cores): the 12 layers of the 193M benchmark Llama
+  1.3-1.7x faster for 1-512 rows (1.55x at 16), outputs bit-identical to ``F.linear`` at every row count
+  tried (``PACK_BATCH_HINT`` 16; a hint of 1 changed the accumulation order past 16 rows). Packed wherever
+  oneDNN has bf16 kernels.
+- float32: one layer of the same model, 2.5x faster at 1 row, 2.6x at 16, 1.6x at 256 on an AMD EPYC Zen 4
+  (AVX512-BF16, 2 cores), where MKL's sgemm is slow; on the Xeon it gained little. The outputs are not
+  bit-identical to ``F.linear`` (within 1e-6 of the largest output: another accumulation order), but they do
+  not depend on the row count (MKL's sgemm gave row 0 other values at every count from 5 rows up there). ``auto`` packs
+  float32 only where it pays, timed at load on the model's largest linear (``float32_gain``), and only
+  for linears big enough to time (``FLOAT32_MIN_WEIGHT``).
 
 The packed copy sits beside the weight (the weight stays: PEFT reads its dtype and device, a tied embedding
 reads its values), so packing costs the linear weights' bytes once more; ``auto`` packs only while that
@@ -19,7 +27,9 @@ replaced since (another ``data_ptr``) falls back to ``F.linear``.
 from __future__ import annotations
 
 import logging
+import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +42,9 @@ CpuPrepack = Literal["auto", "on", "off"]
 PACK_BATCH_HINT = 16  # the row count oneDNN picks its blocking for (any row count runs)
 PACKED = "_loraserve_packed_weight"
 AUTO_MEMORY_SHARE = 0.25  # auto: the copies may take this share of the available memory
+FLOAT32_MIN_WEIGHT = 1 << 20  # auto: float32 linears from this many weight elements (the 193M model's q_proj)
+FLOAT32_MIN_GAIN = 1.25  # auto: float32 is packed where F.linear takes this much longer than the packed call
+TIMING_REPEATS = 5  # auto's timing: the fastest of this many calls of each
 
 
 def supported(device: torch.device) -> bool:
@@ -43,25 +56,77 @@ def supported(device: torch.device) -> bool:
     )
 
 
-def packable(model: torch.nn.Module) -> list[torch.nn.Linear]:
-    """The plain bf16 CPU linears of ``model`` not yet packed, LoRA's own (``lora_A``/``lora_B``, loaded and
-    dropped with their adapters) left out."""
+def packable(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> list[torch.nn.Linear]:
+    """The plain ``dtype`` CPU linears of ``model`` not yet packed, LoRA's own (``lora_A``/``lora_B``, loaded
+    and dropped with their adapters) left out."""
     found = []
     for name, module in model.named_modules():
         if type(module) is not torch.nn.Linear or any(part.startswith("lora_") for part in name.split(".")):
             continue
         weight = module.weight
-        if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not hasattr(module, PACKED):
+        if weight.dtype == dtype and weight.device.type == "cpu" and not hasattr(module, PACKED):
             found.append(module)
     return found
 
 
+_gains: dict[tuple[int, int], float] = {}  # auto's float32 timings by weight shape, once per process
+
+
+def float32_gain(weight: torch.Tensor) -> float:
+    """How many times longer ``F.linear`` takes than the packed call on ``PACK_BATCH_HINT`` rows through a
+    float32 weight of this shape (the fastest of ``TIMING_REPEATS`` calls each, after one to warm up)."""
+    shape = (int(weight.shape[0]), int(weight.shape[1]))
+    if shape not in _gains:
+        w = torch.randn(shape)
+        x = torch.randn(PACK_BATCH_HINT, shape[1])
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT)
+        plain = _fastest(lambda: F.linear(x, w))
+        onednn = _fastest(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+        _gains[shape] = plain / onednn
+    return _gains[shape]
+
+
+def _fastest(call: Callable[[], object]) -> float:
+    call()
+    best = float("inf")
+    for _ in range(TIMING_REPEATS):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _float32_linears(model: torch.nn.Module, mode: CpuPrepack) -> list[torch.nn.Linear]:
+    """The float32 linears to pack: all of them with ``on``; with ``auto``, those of at least
+    ``FLOAT32_MIN_WEIGHT`` elements where the largest times ``FLOAT32_MIN_GAIN`` faster packed."""
+    if not torch.backends.mkldnn.is_available():
+        return []
+    linears = packable(model, torch.float32)
+    if mode == "on":
+        return linears
+    linears = [m for m in linears if m.weight.numel() >= FLOAT32_MIN_WEIGHT]
+    if not linears:
+        return []
+    largest = max(linears, key=lambda m: m.weight.numel()).weight
+    gain = float32_gain(largest)
+    log.info(
+        "float32 linear %s: F.linear takes %.2fx the oneDNN-packed call on %d rows (packing from %.2fx)",
+        tuple(largest.shape),
+        gain,
+        PACK_BATCH_HINT,
+        FLOAT32_MIN_GAIN,
+    )
+    return linears if gain >= FLOAT32_MIN_GAIN else []
+
+
 def prepack(model: torch.nn.Module, mode: CpuPrepack = "auto") -> int:
-    """Pack ``model``'s bf16 linears (see the module docstring); returns how many were packed."""
+    """Pack ``model``'s bf16 linears, and its float32 ones where that pays (see the module docstring);
+    returns how many were packed."""
     if mode == "off":
         return 0
-    linears = packable(model)  # CPU weights only
-    if not linears or not supported(torch.device("cpu")):
+    linears = packable(model) if supported(torch.device("cpu")) else []  # CPU weights only
+    linears += _float32_linears(model, mode)
+    if not linears:
         return 0
     extra = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     available = available_memory()
@@ -80,13 +145,14 @@ def prepack(model: torch.nn.Module, mode: CpuPrepack = "auto") -> int:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
             setattr(module, PACKED, (packed, weight.data_ptr()))
             module.forward = types.MethodType(_packed_forward, module)  # type: ignore[method-assign]
-    log.info("prepacked %d bf16 linears for oneDNN (%.0f MiB)", len(linears), extra / 2**20)
+    dtypes = sorted({str(m.weight.dtype).removeprefix("torch.") for m in linears})
+    log.info("prepacked %d %s linears for oneDNN (%.0f MiB)", len(linears), "/".join(dtypes), extra / 2**20)
     return len(linears)
 
 
 def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     packed, data_ptr = getattr(self, PACKED)
-    if x.dtype != torch.bfloat16 or self.weight.data_ptr() != data_ptr or torch.is_grad_enabled():
+    if x.dtype != self.weight.dtype or self.weight.data_ptr() != data_ptr or torch.is_grad_enabled():
         return F.linear(x, self.weight, self.bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
