@@ -17,6 +17,8 @@ from server.metrics import CacheConfig, Metrics
 
 log = logging.getLogger("loraserve")
 
+CPU_PREFILL_BESIDE_DECODE = 16  # --prefill-beside-decode's default on the CPU (see _prefill_beside_decode)
+
 
 @dataclass(slots=True)
 class ServerParts:
@@ -121,6 +123,7 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
             max_loras_per_batch=settings.max_loras_per_batch,
             max_queue=settings.max_queue,
             enable_prefix_caching=settings.prefix_caching,
+            prefill_beside_decode=_prefill_beside_decode(settings, runner.device.type),
         ),
         metrics,
     )
@@ -151,3 +154,13 @@ def _resolve_sources(settings: Settings) -> tuple[str, str, Path | None]:
     bundle = ensure_demo(settings.demo_dir)
     adapter_dir = settings.adapter_dir if settings.adapter_dir is not None else bundle.adapters
     return str(bundle.base), settings.served_model_name or DEMO_MODEL_ID, adapter_dir
+
+
+def _prefill_beside_decode(settings: Settings, device_type: str) -> int | None:
+    """``--prefill-beside-decode``, or its default for ``device_type``: 16 on the CPU, where each token of a
+    step adds about 1/12 of what reading the weights once costs (a layer of the 193M Llama, float32, 2
+    cores: 1.8 ms to read, 0.155 ms a token), so 16 decoding streams and 32 prompt tokens cost about twice
+    the streams alone; no cap on CUDA, where tokens are cheap until the GPU is full."""
+    if settings.prefill_beside_decode is not None:
+        return settings.prefill_beside_decode
+    return CPU_PREFILL_BESIDE_DECODE if device_type == "cpu" else None

@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(
         512, ge=16, description="tokens per step: decode rows first, then prompt chunks (chunked prefill)"
     )
+    prefill_beside_decode: int | None = Field(
+        None,
+        ge=0,
+        description="while streams decode, a step's prompt chunks take at most this many tokens plus one "
+        "per decoding stream, so that step costs about twice a decode step at most, at the price of slower "
+        "admission under bursts of long prompts (default: 16 on the CPU; no cap on CUDA)",
+    )
     kv_cache_memory: int | None = Field(
         None,
         ge=1,

@@ -63,6 +63,9 @@ class EngineConfig:
     # this long, or until a submit, an abort or a finished load wakes it, before it looks again.
     idle_wait_s: float = IDLE_WAIT_S
     enable_prefix_caching: bool = True
+    # beside decode rows, prompt chunks take at most this many tokens plus one per decode row (None: the
+    # whole budget; see server.engine.scheduler)
+    prefill_beside_decode: int | None = None
 
 
 @dataclass(slots=True)
@@ -156,6 +159,7 @@ class AsyncEngine:
                 block_size=kv.block_size,
                 enable_prefix_caching=config.enable_prefix_caching,
                 base_digest=kv.base_digest,
+                prefill_beside_decode=config.prefill_beside_decode,
             ),
             acquire=self._acquire,
             release=runner.release_adapter,

@@ -4,6 +4,11 @@ Every step shares one token budget (``max_num_batched_tokens``) between decode r
 decode rows first: each running sequence past its prompt computes one token, then sequences still in
 their prompt continue with a chunk, then waiting sequences are admitted with a first chunk while budget,
 slots and KV blocks last. So a long prompt never holds running streams up for more than one budgeted step.
+While decode rows run, prompt chunks also stay under ``prefill_beside_decode`` tokens plus one per decode
+row: on a CPU each token of a step adds a fraction of what reading the weights costs (about 1/12 on 2
+cores), so such a step costs at most about twice a decode step, and inter-token latency stays within about
+2x of its median while new prompts arrive; the price is slower admission under a burst of long prompts.
+Alone (no decode rows) a prompt takes the whole budget.
 
 KV memory is paged (``BlockManager``): admission takes the longest cached prefix of the prompt (full
 blocks under the same adapter version) and blocks for its first chunk; a decode row that needs a new block
@@ -54,6 +59,9 @@ class SchedulerConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     base_digest: str = BASE_DIGEST  # keys the base model's blocks in the prefix cache
+    # beside decode rows, prompt chunks take at most this many tokens plus one per decode row (None: the
+    # whole budget); a prompt-logprobs request, which computes its prompt in one piece, is not capped
+    prefill_beside_decode: int | None = None
 
     @property
     def resolved_num_blocks(self) -> int:
@@ -185,36 +193,42 @@ class Scheduler:
             rows.append(seq)
             sizes.append(1)
             budget -= 1
+        beside = self.config.prefill_beside_decode
+        cap = budget if not rows or beside is None else min(budget, len(rows) + beside)
         for seq in [s for s in self.running if s.in_prefill]:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted by an older sequence's chunk
-            chunk = self._chunk(seq, budget, alone=not rows, result=result)
+            chunk = self._chunk(seq, budget, cap, alone=not rows, result=result)
             if chunk > 0:
                 rows.append(seq)
                 sizes.append(chunk)
                 budget -= chunk
+                cap = min(cap - chunk, budget)
         if result.preempted:  # blocks are short: admitting now would only preempt again
             self._deferred = set()
             if rows:
                 result.batch = Batch(seqs=rows, num_new_tokens=sizes)
             return result
-        for seq, chunk in self._admit(now, budget, alone=not rows, failed=result.failed):
+        for seq, chunk in self._admit(now, budget, cap, alone=not rows, failed=result.failed):
             rows.append(seq)
             sizes.append(chunk)
         if rows:
             result.batch = Batch(seqs=rows, num_new_tokens=sizes)
         return result
 
-    def _chunk(self, seq: Sequence, budget: int, *, alone: bool, result: ScheduleResult | None = None) -> int:
-        """Tokens ``seq`` (in its prompt, holding blocks) computes this step: as many as the budget and
-        the free blocks allow. A request for prompt logprobs computes its prompt in one piece. With
+    def _chunk(
+        self, seq: Sequence, budget: int, cap: int, *, alone: bool, result: ScheduleResult | None = None
+    ) -> int:
+        """Tokens ``seq`` (in its prompt, holding blocks) computes this step: as many as ``cap`` (what the
+        budget leaves to prompt chunks beside decode rows) and the free blocks allow. A request for prompt
+        logprobs computes its prompt in one piece, within the whole ``budget``. With
         ``result`` (a running sequence), sequences admitted after it are preempted while blocks are short,
         so prompts that together overfill the pool cannot stall each other."""
         remaining = seq.num_tokens - seq.num_cached
         if seq.sampling.prompt_logprobs is not None:
             chunk = remaining if (remaining <= budget or alone) else 0
         else:
-            chunk = min(remaining, budget)
+            chunk = min(remaining, cap)
         if chunk <= 0:
             return 0
         bm = self.blocks
@@ -256,7 +270,7 @@ class Scheduler:
         self.waiting.insert(0, seq)
 
     def _admit(
-        self, now: float, budget: int, *, alone: bool, failed: list[tuple[Sequence, EngineError]]
+        self, now: float, budget: int, cap: int, *, alone: bool, failed: list[tuple[Sequence, EngineError]]
     ) -> list[tuple[Sequence, int]]:
         self._deferred = set()
         if not self.waiting:
@@ -274,6 +288,8 @@ class Scheduler:
         for seq in order:
             if budget <= 0:
                 break
+            if cap <= 0 and seq.sampling.prompt_logprobs is None:
+                break  # the step's prompt tokens are spent: it goes first next step
             if seq.slot < 0 and not self._free_slots:
                 continue
             new_adapter = seq.adapter is not None and seq.adapter not in adapters
@@ -291,7 +307,7 @@ class Scheduler:
                     self._deferred.add(seq.request_id)
                     continue  # still loading: keep its place, try again next step
                 seq.lease = lease
-            chunk = self._allocate(seq, budget, alone=alone and not admitted)
+            chunk = self._allocate(seq, budget, cap, alone=alone and not admitted)
             if chunk == 0:
                 if self.blocks.has(seq.request_id):
                     self.blocks.free(seq.request_id)
@@ -300,6 +316,7 @@ class Scheduler:
             if seq.adapter is not None:
                 adapters.add(seq.adapter)
             budget -= chunk
+            cap = min(cap - chunk, budget)
             self.waiting.remove(seq)
             if seq.slot < 0:
                 seq.slot = heapq.heappop(self._free_slots)
@@ -310,7 +327,7 @@ class Scheduler:
             admitted.append((seq, chunk))
         return admitted
 
-    def _allocate(self, seq: Sequence, budget: int, *, alone: bool) -> int:
+    def _allocate(self, seq: Sequence, budget: int, cap: int, *, alone: bool) -> int:
         """Blocks for a sequence's cached prefix and first chunk; returns the chunk (0: not now)."""
         bm = self.blocks
         # prompt logprobs need every prompt position's logits: no cached prefix for such a request
@@ -326,5 +343,4 @@ class Scheduler:
         seq.num_cached = cached
         if first:
             seq.num_prefix_cached = min(cached, seq.num_prompt_tokens)
-        chunk = self._chunk(seq, budget, alone=alone)
-        return chunk
+        return self._chunk(seq, budget, cap, alone=alone)

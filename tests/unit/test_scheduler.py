@@ -65,6 +65,7 @@ def make(
     blocks: int = 0,
     block_size: int = 4,
     prefix_caching: bool = True,
+    beside: int | None = None,
 ) -> tuple[Scheduler, Adapters]:
     adapters = Adapters(ready if ready is not None else {"a", "b", "c", "d"})
     config = SchedulerConfig(
@@ -76,6 +77,7 @@ def make(
         num_blocks=blocks,
         block_size=block_size,
         enable_prefix_caching=prefix_caching,
+        prefill_beside_decode=beside,
     )
     return Scheduler(config, adapters.acquire, adapters.release), adapters  # type: ignore[arg-type]
 
@@ -432,3 +434,59 @@ def test_every_decode_row_runs_even_past_the_budget_and_chunks_wait() -> None:
     batch = step(s)
     assert batch is not None and batch.seqs == running  # 3 decode rows, over the budget of 2
     assert late.status is SequenceStatus.WAITING
+
+
+# ------------------------------------------------------------------ prompt tokens beside decode rows
+
+
+def test_beside_decode_rows_prompt_chunks_stay_under_the_cap_and_take_the_budget_alone() -> None:
+    s, _ = make(slots=8, budget=100, beside=4, prefix_caching=False)  # seq()'s prompts share prefixes
+    s.add(first := seq(30))
+    batch = step(s)
+    assert batch is not None and batch.num_new_tokens == [30]  # alone: the whole budget
+    s.add(second := seq(20))
+    s.add(third := seq(20))
+    sizes: list[list[int]] = []
+    while third.in_prefill:
+        batch = step(s)
+        assert batch is not None and batch.seqs[0] is first
+        sizes.append(batch.num_new_tokens)
+    # 1 decode row + 4 + 1: five prompt tokens a step; the second's prompt first, then the third joins
+    assert sizes[:4] == [[1, 5], [1, 5], [1, 5], [1, 5]]
+    assert sizes[4] == [1, 1, 6]  # second decodes now: two decode rows, 4 + 2 prompt tokens
+    assert all(
+        sum(n for n in step_sizes if n > 1) <= 4 + sum(n == 1 for n in step_sizes) for step_sizes in sizes
+    )
+    assert second.num_output_tokens > 0 and third.num_output_tokens == 1
+
+
+def test_the_cap_grows_with_the_decode_rows_and_never_past_the_budget() -> None:
+    s, _ = make(slots=16, budget=12, beside=2)
+    running = [seq(1) for _ in range(6)]
+    for q in running:
+        s.add(q)
+    step(s)
+    s.add(late := seq(40))
+    batch = step(s)
+    assert batch is not None and batch.num_new_tokens == [1] * 6 + [6]  # min(12 - 6, 6 + 2)
+    assert late.num_cached == 6
+
+
+def test_a_prompt_logprobs_request_is_not_held_behind_the_cap() -> None:
+    s, _ = make(slots=8, budget=64, beside=0)
+    s.add(seq(3))
+    step(s)
+    q = seq(20)
+    q.sampling = SamplingParams(max_tokens=8, prompt_logprobs=1)
+    s.add(q)
+    batch = step(s)  # its prompt in one piece, within the budget: the cap of 1 would never fit it
+    assert batch is not None and q in batch.seqs and batch.num_new_tokens[-1] == 20
+
+
+def test_the_cap_is_16_on_the_cpu_and_off_on_cuda_unless_set() -> None:
+    from server.bootstrap import _prefill_beside_decode
+    from server.config import Settings
+
+    assert _prefill_beside_decode(Settings(), "cpu") == 16
+    assert _prefill_beside_decode(Settings(), "cuda") is None
+    assert _prefill_beside_decode(Settings(prefill_beside_decode=0), "cuda") == 0
