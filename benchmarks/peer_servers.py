@@ -120,6 +120,7 @@ class ServerSpec:
         where = subprocess.run(
             [str(self.venv / "bin" / "python"), "-c", "import server; print(server.__file__)"],
             cwd="/",  # not a ``server`` folder the current directory happens to hold
+            env=self.environment(),  # a PYTHONPATH among the flags picks the checkout
             capture_output=True,
             text=True,
             check=False,
