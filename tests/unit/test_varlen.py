@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.types import Batch, SamplingParams, Sequence
+from server.engine.types import Batch
 from server.runtime.kv_cache import KVGeometry, PagedKVCache, PagedPlacement
 from server.runtime.packing import Lane, pack_lanes
 from server.runtime.varlen import varlen_attention, varlen_segments
+from tests.unit.test_packing import seq
 
 BS, HQ, HKV, D = 4, 4, 2, 8
 
@@ -21,20 +22,6 @@ class Attention(torch.nn.Module):
     layer_idx = 0
     num_key_value_groups = HQ // HKV
     is_causal = True
-
-
-def sequence(name: str, end: int, cached: int, table: list[int]) -> Sequence:
-    seq = Sequence(
-        request_id=name,
-        token_ids=list(range(end)),
-        num_prompt_tokens=end,
-        sampling=SamplingParams(),
-        adapter=None,
-        seed=0,
-    )
-    seq.num_cached = cached
-    seq.block_table = table
-    return seq
 
 
 def by_hand(
@@ -62,10 +49,10 @@ def test_each_sequence_attends_its_own_keys(window: int | None) -> None:
         device=torch.device("cpu"),
     )
     seqs = [
-        sequence("decode", 9, 8, [3, 5, 6]),
-        sequence("fresh", 6, 0, [1, 7]),
-        sequence("cached", 9, 5, [2, 4, 8]),
-        sequence("decode2", 3, 2, [9]),
+        seq(9, 8, [3, 5, 6]),  # a decode row
+        seq(6, 0, [1, 7]),  # a fresh prompt chunk
+        seq(9, 5, [2, 4, 8]),  # a chunk after cached tokens
+        seq(3, 2, [9]),  # a decode row in a second lane
     ]
     batch = Batch(seqs=seqs, num_new_tokens=[1, 6, 4, 1])
     lanes = [Lane("x", [0, 1, 2]), Lane("y", [3])]
