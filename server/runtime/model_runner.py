@@ -136,8 +136,6 @@ class ModelRunner:
         self._cpu_prepack: CpuPrepack = cpu_prepack
         self._prepacked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
         self._prepack(self._shared_model)
-        # attention per sequence inside packed forwards (server.runtime.varlen) on every model that runs SDPA
-        self._varlen: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
         log.info(
             "KV memory: %d blocks x %d tokens (%d tokens) = %.1f MiB on %s, up to %d sequences",
             num_blocks,
@@ -456,10 +454,9 @@ class ModelRunner:
 
     def _runs_varlen(self, model: torch.nn.Module) -> bool:
         """Whether ``model`` attends per sequence (``server.runtime.varlen``): switched on at its first
-        forward where it runs SDPA (a snapshot is a fresh load, so it is switched when it first runs)."""
-        if model not in self._varlen:
-            self._varlen[model] = use_varlen(model)
-        return self._varlen[model]
+        forward where it runs SDPA (a snapshot is a fresh load, so it is switched when it first runs);
+        the model's config says so from then on."""
+        return use_varlen(model)
 
     def _prepack(self, model: torch.nn.Module) -> None:
         """Pack ``model``'s linears for oneDNN once (``server.runtime.prepack``): a snapshot's after
