@@ -166,6 +166,17 @@ def served(engine: AsyncEngine, adapter: str | None, beside: tuple[str | None, .
     return asyncio.run(together() if beside else alone())
 
 
+def assert_served_in_every_order(
+    engine: AsyncEngine, want_base: list[list[int]], want_adapter: list[list[int]]
+) -> None:
+    """The engine serves ``want_base`` and the adapter ``tenant`` serves ``want_adapter``: each alone, then
+    each batched with the other."""
+    assert served(engine, None) == want_base, "base alone"
+    assert served(engine, "tenant") == want_adapter, "adapter alone"
+    assert served(engine, "tenant", beside=(None,)) == want_adapter, "adapter batched with the base"
+    assert served(engine, None, beside=("tenant",)) == want_base, "base batched with the adapter"
+
+
 @pytest.fixture(scope="module")
 def families(tmp_path_factory: pytest.TempPathFactory, demo_bundle) -> dict[str, tuple[Path, Path]]:  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("families")
@@ -194,10 +205,7 @@ def test_base_and_adapter_equal_a_fresh_model(families, family: str, quantizatio
         engine.start()
         try:
             # the base runs first (its 4-bit layers pack on AVX512-BF16 CPUs), then the adapter is injected
-            assert served(engine, None) == want_base, "base alone"
-            assert served(engine, "tenant") == want_adapter, "adapter alone"
-            assert served(engine, "tenant", beside=(None,)) == want_adapter, "adapter batched with the base"
-            assert served(engine, None, beside=("tenant",)) == want_base, "base batched with the adapter"
+            assert_served_in_every_order(engine, want_base, want_adapter)
             # packed steps attended per sequence (server.runtime.varlen), but where SDPA cannot run
             attention = engine.runner.base_model.config._attn_implementation
             assert attention == ("eager" if family == "gemma2" else VARLEN)
@@ -291,3 +299,37 @@ def test_bf16_prepacked_linears_serve_the_tokens_of_plain_ones(families) -> None
                 store.close()  # type: ignore[attr-defined]
     assert tokens["on"] == tokens["off"]
     assert tokens["on"][0] != tokens["on"][1]  # the adapter changes the tokens: its rows really ran
+
+
+@pytest.mark.slow
+def test_float32_prepacked_linears_serve_the_tokens_of_a_fresh_model(families) -> None:  # type: ignore[no-untyped-def]
+    """float32 without quantization, packed for oneDNN (``--cpu-prepack on``; ``auto`` leaves models this
+    small on ``F.linear``): not bit-identical to ``F.linear``, so the tokens are checked against a fresh
+    model's, for the base and the adapter, alone and batched."""
+    from server.runtime.prepack import PACKED
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    base, adapter = families["llama"]
+    with one_torch_thread():
+        want_base = reference(base, None, "none")
+        want_adapter = reference(base, adapter, "none")
+        settings = Settings(
+            device="cpu",
+            model=str(base),
+            adapter_dir=adapter.parent,
+            quantization="none",
+            dtype="float32",
+            cpu_prepack="on",
+            max_num_seqs=8,
+            max_model_len=128,
+            max_gpu_adapters=2,
+        )
+        engine, store = build_engine(settings)
+        assert any(hasattr(m, PACKED) for m in engine.runner.base_model.modules())
+        engine.start()
+        try:
+            assert_served_in_every_order(engine, want_base, want_adapter)
+        finally:
+            engine.stop()
+            store.close()  # type: ignore[attr-defined]

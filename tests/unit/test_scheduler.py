@@ -490,3 +490,20 @@ def test_the_cap_is_16_on_the_cpu_and_off_on_cuda_unless_set() -> None:
     assert _prefill_beside_decode(Settings(), "cpu") == 16
     assert _prefill_beside_decode(Settings(), "cuda") is None
     assert _prefill_beside_decode(Settings(prefill_beside_decode=0), "cuda") == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "four", "1.5"])
+def test_a_bad_cap_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--prefill-beside-decode", value])
+    assert exit_info.value.code == 2
+    assert "prefill_beside_decode" in capsys.readouterr().err
+
+
+def test_a_good_cap_reaches_the_settings() -> None:
+    from server.cli import build_parser, settings_from_args
+
+    args = build_parser().parse_args(["serve", "--prefill-beside-decode", "0"])
+    assert settings_from_args(args).prefill_beside_decode == 0
