@@ -70,7 +70,10 @@ class ServerSpec:
         words = flags.split()
         env = tuple(_env_pair(w) for w in words if _ENV_WORD.match(w))
         args = tuple(w for w in words if not _ENV_WORD.match(w))
-        return cls(label, "loraserve" if kind == "loraserve" else "vllm", Path(venv), args, env)
+        # Absolute: the checkout lookup runs from "/", and a relative venv (the README's ``.venv``) would
+        # name nothing there.
+        served: Kind = "loraserve" if kind == "loraserve" else "vllm"
+        return cls(label, served, Path(venv).absolute(), args, env)
 
     def command(self, model: ModelDir, port: int) -> list[str]:
         if self.kind == "loraserve":

@@ -124,6 +124,14 @@ def test_server_spec_parse(text: str, spec: ServerSpec) -> None:
     assert ServerSpec.parse(text) == spec
 
 
+def test_server_spec_anchors_a_relative_venv_where_it_was_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The checkout lookup runs the venv's python from "/", so ".venv" must already name tmp_path/.venv.
+    monkeypatch.chdir(tmp_path)
+    assert ServerSpec.parse("main=loraserve:.venv").venv == tmp_path / ".venv"
+
+
 @pytest.mark.parametrize("text", ["", "a", "a=tgi:/v", "=vllm:/v", "a=vllm"])
 def test_server_spec_refuses_what_it_cannot_start(text: str) -> None:
     with pytest.raises(ValueError, match="LABEL="):
