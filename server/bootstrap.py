@@ -13,11 +13,12 @@ from prometheus_client import CollectorRegistry
 
 from server.config import Settings
 from server.engine.engine import AsyncEngine, EngineConfig
+from server.engine.step_cost import DEFAULT_RATIO
 from server.metrics import CacheConfig, Metrics
 
 log = logging.getLogger("loraserve")
 
-CPU_PREFILL_BESIDE_DECODE = 16  # --prefill-beside-decode's default on the CPU (see _prefill_beside_decode)
+CPU_PREFILL_BESIDE_DECODE = 16  # --prefill-beside-decode's floor on the CPU (see _prefill_beside_decode)
 
 
 @dataclass(slots=True)
@@ -116,6 +117,7 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
         metrics.set_max_gpu_lora_adapters(model_id, store.max_gpu_adapters)
     if settings.preload_adapters:  # after the runner: its GPU tier listener prepares them as they load
         log.info("preloading %d adapters into the CPU tier", store.preload())
+    beside, step_ratio = _prefill_beside_decode(settings, runner.device.type)
     engine = AsyncEngine(
         runner,
         EngineConfig(
@@ -123,7 +125,8 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
             max_loras_per_batch=settings.max_loras_per_batch,
             max_queue=settings.max_queue,
             enable_prefix_caching=settings.prefix_caching,
-            prefill_beside_decode=_prefill_beside_decode(settings, runner.device.type),
+            prefill_beside_decode=beside,
+            prefill_step_ratio=step_ratio,
         ),
         metrics,
     )
@@ -156,11 +159,14 @@ def _resolve_sources(settings: Settings) -> tuple[str, str, Path | None]:
     return str(bundle.base), settings.served_model_name or DEMO_MODEL_ID, adapter_dir
 
 
-def _prefill_beside_decode(settings: Settings, device_type: str) -> int | None:
-    """``--prefill-beside-decode``, or its default for ``device_type``: 16 on the CPU, where each token of a
-    step adds about 1/12 of what reading the weights once costs (a layer of the 193M Llama, float32, 2
-    cores: 1.8 ms to read, 0.155 ms a token), so 16 decoding streams and 32 prompt tokens cost about twice
-    the streams alone; no cap on CUDA, where tokens are cheap until the GPU is full."""
+def _prefill_beside_decode(settings: Settings, device_type: str) -> tuple[int | None, float | None]:
+    """``EngineConfig``'s ``prefill_beside_decode`` and ``prefill_step_ratio``: a fixed cap where
+    ``--prefill-beside-decode`` is set; by default on the CPU a measured one (``server.engine.step_cost``:
+    what keeps a step within 1.6 decode steps, at least 16 tokens, where each prompt token costs from
+    about 1/100 to 1/60 of a decode step from one CPU and dtype to another); no cap on CUDA, where tokens
+    are cheap until the GPU is full."""
     if settings.prefill_beside_decode is not None:
-        return settings.prefill_beside_decode
-    return CPU_PREFILL_BESIDE_DECODE if device_type == "cpu" else None
+        return settings.prefill_beside_decode, None
+    if device_type != "cpu":
+        return None, None
+    return CPU_PREFILL_BESIDE_DECODE, DEFAULT_RATIO

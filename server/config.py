@@ -41,8 +41,9 @@ class Settings(BaseSettings):
         None,
         ge=0,
         description="while streams decode, a step's prompt chunks take at most this many tokens plus one "
-        "per decoding stream, so that step costs about twice a decode step at most, at the price of slower "
-        "admission under bursts of long prompts (default: 16 on the CPU; no cap on CUDA)",
+        "per decoding stream, which bounds how long such a step holds the streams up, at the price of slower "
+        "admission under bursts of long prompts (default on the CPU: measured, as many as keep a step within "
+        "1.6 decode steps, at least 16; no cap on CUDA)",
     )
     kv_cache_memory: int | None = Field(
         None,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.step_cost import StepCost
 from server.engine.types import (
     AdapterLease,
     AdapterUnavailableError,
@@ -66,6 +67,9 @@ class EngineConfig:
     # beside decode rows, prompt chunks take at most this many tokens plus one per decode row (None: the
     # whole budget; see server.engine.scheduler)
     prefill_beside_decode: int | None = None
+    # set: the allowance is measured (server.engine.step_cost): as many prompt tokens as keep a step within
+    # this many decode steps, never fewer than prefill_beside_decode
+    prefill_step_ratio: float | None = None
 
 
 @dataclass(slots=True)
@@ -164,6 +168,13 @@ class AsyncEngine:
             acquire=self._acquire,
             release=runner.release_adapter,
         )
+        self.step_cost: StepCost | None = None
+        if config.prefill_step_ratio is not None:
+            self.step_cost = StepCost(
+                floor=config.prefill_beside_decode or 0,
+                ceiling=config.max_num_batched_tokens,
+                ratio=config.prefill_step_ratio,
+            )
         self._cv = threading.Condition()
         self._inbox: list[Sequence] = []
         self._aborts: list[tuple[str, str]] = []
@@ -467,7 +478,9 @@ class AsyncEngine:
         if batch is not None:
             progressed = True
             try:
+                started = time.perf_counter()
                 output = self.runner.step(batch)
+                self._measure(batch, time.perf_counter() - started)
                 self._postprocess(batch, output)
             except Exception as exc:
                 # a step or its post-processing failed: every row of the batch still running ends here,
@@ -480,6 +493,15 @@ class AsyncEngine:
         self._num_waiting = len(self.scheduler.waiting)
         self._update_gauges()
         return progressed
+
+    def _measure(self, batch: Batch, seconds: float) -> None:
+        """Feed a step's cost to ``step_cost`` and give the scheduler the allowance it now makes."""
+        if self.step_cost is None:
+            return
+        prompt_tokens = sum(n for i, n in enumerate(batch.num_new_tokens) if batch.is_prefill(i))
+        decode_rows = sum(1 for i in range(len(batch)) if not batch.is_prefill(i))
+        self.step_cost.observe(decode_rows, prompt_tokens, seconds)
+        self.scheduler.prefill_beside_decode = self.step_cost.beside()
 
     def _fail_all(self, error: EngineError) -> None:
         """After an unexpected failure outside a step: end every live request with ``error`` (the

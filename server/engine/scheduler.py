@@ -5,9 +5,9 @@ decode rows first: each running sequence past its prompt computes one token, the
 their prompt continue with a chunk, then waiting sequences are admitted with a first chunk while budget,
 slots and KV blocks last. So a long prompt never holds running streams up for more than one budgeted step.
 While decode rows run, prompt chunks also stay under ``prefill_beside_decode`` tokens plus one per decode
-row: on a CPU each token of a step adds a fraction of what reading the weights costs (about 1/12 on 2
-cores), so such a step costs at most about twice a decode step, and inter-token latency stays within about
-2x of its median while new prompts arrive; the price is slower admission under a burst of long prompts.
+row, so a step with prompt tokens holds the decoding streams up for a bounded time and inter-token latency
+stays near its median while new prompts arrive; the price is slower admission under a burst of long
+prompts. On the CPU the engine sets it between steps from what steps cost (``server.engine.step_cost``).
 Alone (no decode rows) a prompt takes the whole budget.
 
 KV memory is paged (``BlockManager``): admission takes the longest cached prefix of the prompt (full
@@ -85,6 +85,8 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, acquire: AcquireFn, release: ReleaseFn) -> None:
         self.config = config
+        # the engine may change it between steps (``server.engine.step_cost``)
+        self.prefill_beside_decode = config.prefill_beside_decode
         self._acquire = acquire
         self._release = release
         self.waiting: list[Sequence] = []
@@ -193,7 +195,7 @@ class Scheduler:
             rows.append(seq)
             sizes.append(1)
             budget -= 1
-        beside = self.config.prefill_beside_decode
+        beside = self.prefill_beside_decode
         cap = budget if not rows or beside is None else min(budget, len(rows) + beside)
         for seq in [s for s in self.running if s.in_prefill]:
             if seq.status is not SequenceStatus.RUNNING:

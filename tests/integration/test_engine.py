@@ -15,6 +15,7 @@ from peft import PeftModel
 from server.bootstrap import build_engine
 from server.config import Settings
 from server.engine.engine import AsyncEngine
+from server.engine.step_cost import StepCost
 from server.engine.types import (
     ChatMessage,
     FinishReason,
@@ -271,3 +272,60 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, monkey
     monkeypatch.setattr(engine.runner, "step", real_step)
     (after,) = run_all(engine, [request(PROMPTS[0], max_tokens=4, ignore_eos=True)])
     assert after.finish_reason is FinishReason.LENGTH and len(after.token_ids) == 4
+
+
+class RecordedStepCost(StepCost):
+    """The engine's StepCost, recording what it is told."""
+
+    def __init__(self, floor: int, ceiling: int, ratio: float) -> None:
+        super().__init__(floor=floor, ceiling=ceiling, ratio=ratio)
+        self.observed: list[tuple[int, int]] = []
+
+    def observe(self, decode_rows: int, prompt_tokens: int, seconds: float) -> None:
+        assert seconds > 0
+        self.observed.append((decode_rows, prompt_tokens))
+        super().observe(decode_rows, prompt_tokens, seconds)
+
+
+def test_on_the_cpu_every_step_feeds_the_measured_cap_the_next_step_keeps(engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Step counts and compositions, not times: every step is observed once with its decode rows and
+    prompt tokens, the scheduler takes the allowance that leaves, and each step's prompt tokens beside
+    decode rows stay within the allowance it was scheduled under (plus one per row)."""
+    default = engine.step_cost
+    assert default is not None  # the default on the CPU
+    cost = RecordedStepCost(default.floor, default.ceiling, default.ratio)
+    steps: list[tuple[int, int, int]] = []  # decode rows, prompt tokens, allowance in force
+    real_step = engine.runner.step
+
+    def step(batch):  # type: ignore[no-untyped-def]
+        rows = sum(1 for i in range(len(batch)) if not batch.is_prefill(i))
+        prompt = sum(n for i, n in enumerate(batch.num_new_tokens) if batch.is_prefill(i))
+        steps.append((rows, prompt, engine.scheduler.prefill_beside_decode))
+        return real_step(batch)
+
+    monkeypatch.setattr(engine.runner, "step", step)
+    monkeypatch.setattr(engine, "step_cost", cost)
+
+    async def main() -> None:
+        counts = [0, 0, 0]
+        decoded = asyncio.Event()
+
+        async def decode(i: int, prompt: str) -> None:
+            async for event in engine.submit(request(prompt, max_tokens=40, ignore_eos=True)):
+                counts[i] += len(event.token_ids)
+                if min(counts) >= 4:
+                    decoded.set()
+
+        decoding = [asyncio.ensure_future(decode(i, p)) for i, p in enumerate(PROMPTS[:3])]
+        await decoded.wait()  # decode steps alone first, then a long prompt beside them
+        await collect(engine, request(" ".join(PROMPTS) * 6, max_tokens=2))
+        await asyncio.gather(*decoding)
+
+    asyncio.run(main())
+    assert cost.observed == [(rows, prompt) for rows, prompt, _ in steps]
+    assert any(rows and prompt for rows, prompt, _ in steps), "no step had a prompt chunk beside decode rows"
+    for rows, prompt, allowance in steps:
+        if rows:
+            assert prompt <= rows + allowance, (rows, prompt, allowance)
+    assert cost.decode_s is not None and cost.token_s is not None  # both measured
+    assert engine.scheduler.prefill_beside_decode == cost.beside() >= 16
