@@ -72,13 +72,52 @@ class GrammarSpec:
                     raise InvalidRequestError(
                         f"{self.param} is not a valid regular expression: {exc}", param=self.param
                     ) from None
-                return str(llguidance.LLMatcher.grammar_from_regex(self.source))
+                return str(llguidance.LLMatcher.grammar_from_regex(ascii_digits(self.source)))
             case "choice":
                 choices = json.loads(self.source)
                 alternatives = "|".join(re.escape(c) for c in choices)
                 return str(llguidance.LLMatcher.grammar_from_regex(f"({alternatives})"))
             case "grammar":
                 return str(llguidance.LLMatcher.grammar_from_lark(self.source))
+
+
+def ascii_digits(pattern: str) -> str:
+    """``pattern`` with ``\\d`` as ``[0-9]`` and ``\\D`` as ``[^0-9]`` (``0-9`` inside a class, where
+    ``\\D`` stays as it is). llguidance's ``\\d`` is every Unicode decimal digit of a newer Unicode than
+    Python's ``re`` knows (it let a model write U+1CCF4, an outlined digit, for ``[a-z]{3}-\\d{2}``);
+    ``[0-9]`` is what JSON Schema's ECMA-262 patterns and vLLM's default grammar backend mean by it."""
+    out: list[str] = []
+    in_class = False
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\" and i + 1 < len(pattern):
+            escaped = pattern[i + 1]
+            if escaped == "d":
+                out.append("0-9" if in_class else "[0-9]")
+            elif escaped == "D" and not in_class:
+                out.append("[^0-9]")
+            else:
+                out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if char == "[" and not in_class:
+            in_class = True
+            out.append(char)
+            i += 1
+            # a "]" first in a class (after an optional "^") is a literal
+            if pattern.startswith("^", i):
+                out.append("^")
+                i += 1
+            if pattern.startswith("]", i):
+                out.append("]")
+                i += 1
+            continue
+        if char == "]" and in_class:
+            in_class = False
+        out.append(char)
+        i += 1
+    return "".join(out)
 
 
 def _json_grammar(schema: str, param: str) -> str:

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from server.engine.types import InvalidRequestError, SamplingParams
 from server.runtime.sampler import Sampler
 from server.runtime.token_bitmask import allowed_tokens, bitmask_words, fill_token_bitmask
-from server.structured.grammar import MAX_GRAMMAR_CHARS, GrammarCompiler, GrammarSpec
+from server.structured.grammar import MAX_GRAMMAR_CHARS, GrammarCompiler, GrammarSpec, ascii_digits
 
 CPU = torch.device("cpu")
 
@@ -76,6 +76,33 @@ def test_constraints_accept_their_language_only(
 ) -> None:
     assert run_text(compiler, hf_tokenizer, spec, good)
     assert not run_text(compiler, hf_tokenizer, spec, bad)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        (r"[a-z]{3}-\d{2}", r"[a-z]{3}-[0-9]{2}"),
+        (r"\D+\d", r"[^0-9]+[0-9]"),
+        (r"[\d_]|[^\d]", r"[0-9_]|[^0-9]"),
+        (r"[]\d]", r"[]0-9]"),  # "]" first in a class is a literal, the class goes on
+        (r"\\d\[\d\]", r"\\d\[[0-9]\]"),  # an escaped backslash, escaped brackets
+        (r"[\D]", r"[\D]"),  # no ASCII spelling inside a class: left as it is
+    ],
+)
+def test_regex_digits_are_ascii(pattern: str, expected: str) -> None:
+    assert ascii_digits(pattern) == expected
+    assert re.compile(expected)
+
+
+@pytest.mark.parametrize("digits", ["\U0001ccf4\U0001ccf3", "\u0663\u0664"])  # outlined; Arabic-Indic
+def test_a_regex_digit_is_never_a_unicode_digit(
+    compiler: GrammarCompiler, hf_tokenizer: Any, digits: str
+) -> None:
+    spec = GrammarSpec("regex", r"\d{2}-[ab]", "p")
+    text = f"{digits}-a"
+    assert hf_tokenizer.decode(hf_tokenizer.encode(text, add_special_tokens=False)) == text  # it can say it
+    assert run_text(compiler, hf_tokenizer, spec, "42-a")
+    assert not run_text(compiler, hf_tokenizer, spec, text)
 
 
 @pytest.mark.parametrize(
