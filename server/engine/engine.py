@@ -498,9 +498,7 @@ class AsyncEngine:
         """Feed a step's cost to ``step_cost`` and give the scheduler the allowance it now makes."""
         if self.step_cost is None:
             return
-        prompt_tokens = sum(n for i, n in enumerate(batch.num_new_tokens) if batch.is_prefill(i))
-        decode_rows = sum(1 for i in range(len(batch)) if not batch.is_prefill(i))
-        self.step_cost.observe(decode_rows, prompt_tokens, seconds)
+        self.step_cost.observe(batch.num_decode_rows, batch.num_prefill_tokens, seconds)
         self.scheduler.prefill_beside_decode = self.step_cost.beside()
 
     def _fail_all(self, error: EngineError) -> None:
@@ -536,8 +534,7 @@ class AsyncEngine:
         m = self.metrics
         if m is not None:  # before any event goes out: a client that has its answer finds it counted
             # vLLM's iteration tokens: prompt tokens computed plus tokens sampled
-            prefilled = sum(n for i, n in enumerate(batch.num_new_tokens) if batch.is_prefill(i))
-            m.on_step(self.model_id, prefilled + len(output.token_ids))
+            m.on_step(self.model_id, batch.num_prefill_tokens + len(output.token_ids))
         sampled = iter(range(len(output.token_ids)))  # StepOutput rows: the batch's sampling rows
         for i, seq in enumerate(batch.seqs):
             prefill, samples = batch.is_prefill(i), batch.samples(i)

@@ -481,6 +481,15 @@ class Batch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Prompt tokens (or recomputed ones) this step computes: the prefill rows' tokens."""
+        return sum(n for i, n in enumerate(self.num_new_tokens) if self.is_prefill(i))
+
+    @property
+    def num_decode_rows(self) -> int:
+        return sum(1 for i in range(len(self.seqs)) if not self.is_prefill(i))
+
 
 @dataclass(slots=True, frozen=True)
 class PositionLogprobs:
