@@ -3,9 +3,9 @@
 A step that computes prompt tokens beside decode rows holds every decoding stream's next token up for
 as long as it runs, so the prompt tokens it takes decide the inter-token latency's tail; too few starve
 admission instead (a chat turn's uncached tail waits for many steps). What a prompt token costs depends on
-the machine: measured with 16 base streams of the 193M Llama on 2 cores, about 1/12 of a decode step in
-float32 on an AMD EPYC Zen 4 (1.9 ms against about 120 ms), but 0.47 ms against about 50 ms in bf16 on an
-Intel Xeon with AMX. A fixed cap of 16 tokens plus one per decode row kept the Xeon's inter-token p99 at
+the machine: measured with 16 base streams of the 193M Llama on 2 cores, about 1/60 of a decode step in
+float32 on an AMD EPYC Zen 4 (1.9 ms against about 120 ms), but about 1/100 in bf16 on an Intel Xeon with
+AMX (0.47 ms against about 50 ms). A fixed cap of 16 tokens plus one per decode row kept the Xeon's inter-token p99 at
 1.5x its median but raised the mean TTFT of chat turns 2-4 from 0.45 s (no cap) to 4.2 s; a cap of 64 gave
 1.0 s at 2.0x.
 
