@@ -38,6 +38,7 @@ from server.engine.types import (
 )
 from server.runtime.attention import MaskLayout
 from server.runtime.cuda_graphs import DecodeGraphs, DecodeRow
+from server.runtime.decode_mirror import MIRROR_SHARE, DecodeMirror
 from server.runtime.kv_cache import KVGeometry, PagedKVCache, PagedPlacement
 from server.runtime.packing import MIXED, Lane, PackedStep, attention_size, pack_lanes
 from server.runtime.prepack import CpuPrepack, prepack
@@ -125,6 +126,19 @@ class ModelRunner:
         num_blocks = max(geometry.num_blocks(budget, block_size), -(-max_model_len // block_size))
         self.kv = PagedKVCache(
             geometry=geometry, num_blocks=num_blocks, block_size=block_size, device=self.device
+        )
+        # decode rows read their keys in place on the CPU (on CUDA, graphs read the blocks)
+        self.mirror = (
+            DecodeMirror(
+                geometry=geometry,
+                block_size=block_size,
+                device=self.device,
+                max_bytes=int(self.kv.nbytes * MIRROR_SHARE),
+                max_rows=num_slots,
+                max_width=max_model_len,
+            )
+            if self.device.type == "cpu"
+            else None
         )
         self.sampler = Sampler(
             self._vocab_size, num_slots, self.device, logprobs_mode, num_valid_ids=tokenizer.num_ids
@@ -220,6 +234,8 @@ class ModelRunner:
 
     def free_slot(self, slot: int) -> None:
         self.sampler.free(slot)
+        if self.mirror is not None:
+            self.mirror.forget(slot)
         self._started.discard(slot)
 
     @torch.inference_mode()
@@ -273,7 +289,7 @@ class ModelRunner:
         write_slots = packed.write_slots.to(self.device)
         varlen: VarlenSegments | None = None
         if self._runs_varlen(model):
-            varlen = varlen_segments(packed, lanes, batch, self.kv)
+            varlen = varlen_segments(packed, lanes, batch, self.kv, self.mirror)
             self.kv.placement = PagedPlacement(write_slots=write_slots, read_blocks=None)
             # transformers passes a 4D mask through untouched; varlen attention reads the segments instead
             mask: torch.Tensor | dict[str, torch.Tensor] = torch.ones(
@@ -291,16 +307,21 @@ class ModelRunner:
                 write_slots=write_slots, read_blocks=packed.read_blocks.to(self.device)
             )
         mixed = any(lane.adapter == MIXED for lane in lanes)
-        return self._forward(
-            model,
-            packed.input_ids,
-            packed.positions,
-            mask,
-            [lane.adapter for lane in lanes],
-            keep=keep,
-            token_adapters=packed.token_adapters(lanes, batch, BASE_ADAPTER) if mixed else None,
-            varlen=varlen,
-        )
+        try:
+            return self._forward(
+                model,
+                packed.input_ids,
+                packed.positions,
+                mask,
+                [lane.adapter for lane in lanes],
+                keep=keep,
+                token_adapters=packed.token_adapters(lanes, batch, BASE_ADAPTER) if mixed else None,
+                varlen=varlen,
+            )
+        except BaseException:
+            if varlen is not None and varlen.mirror is not None:
+                varlen.mirror.forget()  # its rows may be half written
+            raise
 
     def _prompt_logprobs(
         self, seq: Sequence, logits: torch.Tensor, length: int

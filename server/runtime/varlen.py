@@ -7,8 +7,9 @@ masks most of it away: a step that admits a 160-token prompt beside 12 decode ro
 for the decode rows alone). This module registers an attention implementation with transformers
 (``VARLEN``) that attends each sequence on its own:
 
-- the one-token segments (decode rows, one-token chunks) together: their blocks gathered into
-  ``[R, H, L, D]``, one SDPA under a mask of each row's length;
+- the one-token segments (decode rows, one-token chunks) together: one SDPA under a mask of each row's
+  length, over their rows of the decode mirror (``server.runtime.decode_mirror``, the CPU) or their blocks
+  gathered into ``[R, H, L, D]``;
 - a prompt chunk with nothing cached: over its own new keys, causal, with no gather;
 - a chunk after cached tokens (a prefix-cache hit, the next chunk of a long prompt): its blocks gathered,
   under a causal mask offset by what is cached.
@@ -31,6 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from server.engine.types import Batch
+from server.runtime.decode_mirror import DecodeMirror, DecodeRow, MirrorStep
 from server.runtime.kv_cache import PagedKVCache
 
 if TYPE_CHECKING:
@@ -56,7 +58,8 @@ class Chunk:
 class VarlenSegments:
     """The sequences of one packed forward. One-token segments: query ``(single_lanes[i],
     single_columns[i])`` at ``single_positions[i]``, reading blocks ``single_blocks[i]`` (scratch past its
-    own); the others: ``chunks``. Query columns in neither are padding (their output is zero)."""
+    own), or with ``mirror`` its slot's row of the decode mirror; the others: ``chunks``. Query columns in
+    neither are padding (their output is zero)."""
 
     kv: PagedKVCache
     single_lanes: torch.Tensor  # [R]
@@ -64,6 +67,7 @@ class VarlenSegments:
     single_positions: torch.Tensor  # [R, 1]
     single_blocks: torch.Tensor  # [R, N]
     chunks: list[Chunk]
+    mirror: MirrorStep | None = None
     _masks: dict[tuple[int, int | None], torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -100,14 +104,22 @@ class VarlenSegments:
         return self._masks[key]
 
 
-def varlen_segments(packed: PackedStep, lanes: list[Lane], batch: Batch, kv: PagedKVCache) -> VarlenSegments:
-    """The segments of a forward over ``lanes`` as ``pack_lanes`` laid them out."""
+def varlen_segments(
+    packed: PackedStep,
+    lanes: list[Lane],
+    batch: Batch,
+    kv: PagedKVCache,
+    mirror: DecodeMirror | None = None,
+) -> VarlenSegments:
+    """The segments of a forward over ``lanes`` as ``pack_lanes`` laid them out; the one-token segments
+    read ``mirror`` where it has room for them."""
     bs, device = kv.block_size, kv.device
     single_lanes: list[int] = []
     single_columns: list[int] = []
     single_positions: list[int] = []
     single_tables: list[list[int]] = []
     chunks: list[Chunk] = []
+    decode_rows: list[DecodeRow] = []
     for lane_idx, lane in enumerate(lanes):
         for row, start in zip(lane.rows, packed.starts[lane_idx], strict=True):
             seq, n = batch.seqs[row], batch.num_new_tokens[row]
@@ -118,11 +130,14 @@ def varlen_segments(packed: PackedStep, lanes: list[Lane], batch: Batch, kv: Pag
                 single_columns.append(start)
                 single_positions.append(cached)
                 single_tables.append(blocks)
+                decode_rows.append(DecodeRow(seq.slot, (seq.request_id, seq.num_preemptions), cached, blocks))
                 continue
             table = torch.tensor(blocks, dtype=torch.long, device=device) if cached else None
             chunks.append(Chunk(lane_idx, start, n, cached, table))
-    width = max((len(t) for t in single_tables), default=0)
-    padded = [t + [kv.scratch_block] * (width - len(t)) for t in single_tables]
+    step = mirror.plan(decode_rows, kv) if mirror is not None else None
+    # the mirror's rows need no block tables
+    width = 0 if step is not None else max((len(t) for t in single_tables), default=0)
+    padded = [t[:width] + [kv.scratch_block] * (width - len(t)) for t in single_tables]
 
     def tensor(values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(device)
@@ -134,6 +149,7 @@ def varlen_segments(packed: PackedStep, lanes: list[Lane], batch: Batch, kv: Pag
         single_positions=tensor(single_positions).reshape(-1, 1),
         single_blocks=tensor(padded).reshape(len(padded), width),
         chunks=chunks,
+        mirror=step,
     )
 
 
@@ -161,9 +177,18 @@ def varlen_attention(
     layer = cast(int, module.layer_idx)  # every transformers attention layer has its index
     if varlen.num_singles:
         q = query[varlen.single_lanes, :, varlen.single_columns].unsqueeze(2)  # [R, Hq, 1, D]
-        k, v = varlen.kv.gather(layer, varlen.single_blocks)
-        mask = varlen.single_mask(sliding_window)
-        res, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=scaling, is_causal=False)
+        step = varlen.mirror
+        if step is None:
+            k, v = varlen.kv.gather(layer, varlen.single_blocks)
+            mask = varlen.single_mask(sliding_window)
+            res, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=scaling, is_causal=False)
+        else:
+            new_k = key[varlen.single_lanes, :, varlen.single_columns]  # [R, Hkv, D]
+            new_v = value[varlen.single_lanes, :, varlen.single_columns]
+            k, v = step.keys_values(layer, new_k, new_v)
+            q, mask = step.scatter_queries(q), step.mask(sliding_window)
+            res, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=scaling, is_causal=False)
+            res = res.index_select(0, step.slots)
         out[varlen.single_lanes, varlen.single_columns] = res[:, 0]
     for index, chunk in enumerate(varlen.chunks):
         lane, cols = chunk.lane, slice(chunk.column, chunk.column + chunk.length)

@@ -1,0 +1,219 @@
+"""The decode mirror against attention written out by hand, over several decode steps: rows that keep
+decoding read their keys from the mirror (nothing copied from the blocks), a row is filled from its blocks
+when it does not hold exactly the tokens before the one decoded (first decode, a new sequence in a
+freed slot even under the same request id, after a preemption, after a step that gathered), slots
+not decoding in a forward leave the others' output alone, the mirror grows keeping its rows, and a step
+that would not fit in its bytes gathers from the blocks as before. The mirror is read, not the blocks:
+blocks overwritten after a row is filled do not change that row's attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine.types import Batch, Sequence
+from server.runtime.decode_mirror import DecodeMirror
+from server.runtime.kv_cache import KVGeometry, PagedKVCache, PagedPlacement
+from server.runtime.packing import Lane, pack_lanes
+from server.runtime.varlen import varlen_attention, varlen_segments
+from tests.unit.test_packing import seq
+from tests.unit.test_varlen import BS, HKV, HQ, Attention, D, by_hand
+
+GEOMETRY = KVGeometry(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.float32)
+NUM_BLOCKS = 32
+
+
+class Decoder:
+    """Sequences decoding one token a step through varlen attention, each with the true keys and values
+    of all its tokens (what the pool holds for the tokens it has seen)."""
+
+    def __init__(self, mirror: DecodeMirror | None) -> None:
+        self.kv = PagedKVCache(
+            geometry=GEOMETRY, num_blocks=NUM_BLOCKS, block_size=BS, device=torch.device("cpu")
+        )
+        self.mirror = mirror
+        self.keys: dict[str, torch.Tensor] = {}
+        self.values: dict[str, torch.Tensor] = {}
+        self._next_block = 0
+
+    def add(self, prompt: int, slot: int, request_id: str | None = None) -> Sequence:
+        """A sequence in ``slot`` whose ``prompt`` tokens sit in the pool, about to decode its next token."""
+        s = seq(prompt + 1, prompt, [])
+        s.request_id = request_id or f"s{slot}-{self._next_block}"
+        s.slot = slot
+        self._grow(s)
+        self.keys[s.request_id] = torch.randn(HKV, prompt, D)
+        self.values[s.request_id] = torch.randn(HKV, prompt, D)
+        self._write(s, range(prompt))
+        return s
+
+    def step(self, seqs: list[Sequence], window: int | None = None) -> None:
+        """One decode forward over ``seqs`` (one lane); checks each row against attention by hand, then
+        moves every sequence on by its token."""
+        for s in seqs:
+            self.keys[s.request_id] = torch.cat([self.keys[s.request_id], torch.randn(HKV, 1, D)], 1)
+            self.values[s.request_id] = torch.cat([self.values[s.request_id], torch.randn(HKV, 1, D)], 1)
+        batch = Batch(seqs=seqs, num_new_tokens=[1] * len(seqs))
+        lanes = [Lane("x", list(range(len(seqs))))]
+        packed = pack_lanes(lanes, batch, self.kv)
+        query = torch.randn(1, HQ, len(seqs), D)
+        new_k = torch.stack([self.keys[s.request_id][:, -1] for s in seqs], 1)[None]
+        new_v = torch.stack([self.values[s.request_id][:, -1] for s in seqs], 1)[None]
+        self.kv.placement = PagedPlacement(write_slots=packed.write_slots, read_blocks=None)
+        k_states, v_states = self.kv.update(new_k, new_v, 0)
+        self.segments = varlen_segments(packed, lanes, batch, self.kv, self.mirror)
+        out, _ = varlen_attention(
+            Attention(),
+            query,
+            k_states,
+            v_states,
+            None,
+            scaling=D**-0.5,
+            varlen=self.segments,
+            sliding_window=window,
+        )
+        for column, s in enumerate(seqs):
+            expected = by_hand(
+                query[0, :, column : column + 1],
+                self.keys[s.request_id],
+                self.values[s.request_id],
+                s.num_cached,
+                window,
+            )
+            torch.testing.assert_close(out[0, column : column + 1], expected, msg=s.request_id)
+        for s in seqs:
+            s.num_cached += 1
+            s.token_ids.append(7)
+            self._grow(s)
+
+    @property
+    def filled(self) -> list[int]:
+        """The mirror rows the last step filled from the blocks."""
+        step = self.segments.mirror
+        assert step is not None
+        return [] if step.fill_slots is None else step.fill_slots.tolist()
+
+    def overwrite_blocks(self, s: Sequence) -> None:
+        """Scribble over the pool's copy of ``s``'s past tokens (not over the truth kept here)."""
+        slots = self._slots(s, range(s.num_cached))
+        self.kv.keys[0][:, slots] = torch.randn(HKV, len(slots), D)
+        self.kv.values[0][:, slots] = torch.randn(HKV, len(slots), D)
+
+    def _grow(self, s: Sequence) -> None:
+        while len(s.block_table) * BS < s.num_cached + 1:
+            s.block_table.append(self._next_block)
+            self._next_block += 1
+        assert self._next_block <= NUM_BLOCKS
+
+    def _slots(self, s: Sequence, tokens: range) -> torch.Tensor:
+        return torch.tensor([s.block_table[p // BS] * BS + p % BS for p in tokens], dtype=torch.long)
+
+    def _write(self, s: Sequence, tokens: range) -> None:
+        slots = self._slots(s, tokens)
+        self.kv.keys[0][:, slots] = self.keys[s.request_id][:, tokens.start : tokens.stop]
+        self.kv.values[0][:, slots] = self.values[s.request_id][:, tokens.start : tokens.stop]
+
+
+def mirror(max_bytes: int = 1 << 30, max_rows: int = 8) -> DecodeMirror:
+    return DecodeMirror(
+        geometry=GEOMETRY,
+        block_size=BS,
+        device=torch.device("cpu"),
+        max_bytes=max_bytes,
+        max_rows=max_rows,
+        max_width=64,
+    )
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_rows_fill_once_then_read_the_mirror(window: int | None) -> None:
+    torch.manual_seed(0)
+    d = Decoder(mirror())
+    a, b = d.add(5, slot=0), d.add(2, slot=2)  # slot 1 is not decoding: a hole between them
+    d.step([b, a], window)
+    assert sorted(d.filled) == [0, 2]  # both new to the mirror
+    for _ in range(3):
+        d.step([a, b], window)
+        assert d.filled == []  # one new token each, written in place
+    d.overwrite_blocks(a)  # what a reads now comes from the mirror
+    d.step([a, b], window)
+    assert d.filled == []
+
+
+def test_a_new_owner_or_a_preemption_fills_the_row_from_the_blocks() -> None:
+    torch.manual_seed(1)
+    m = mirror()
+    d = Decoder(m)
+    a, b = d.add(3, slot=0), d.add(6, slot=1)
+    d.step([a, b])
+    d.step([a, b])
+    m.forget(1)  # b ended; c takes its slot, with fewer tokens than b had
+    c = d.add(2, slot=1)
+    d.step([a, c])
+    assert d.filled == [1]
+    m.forget(1)  # c ended; e takes its slot under c's request id, as long as c was: still not c
+    e = d.add(c.num_cached, slot=1, request_id=c.request_id)
+    d.step([a, e])
+    assert d.filled == [1]
+    c = e
+    a.num_preemptions += 1  # a was recomputed into its blocks: its row is filled again from them
+    d.step([a, c])
+    assert d.filled == [0]
+    d.step([c])  # a skips a step (say it is prefilling): its row is not touched
+    d.step([a, c])
+    assert d.filled == []
+
+
+def test_the_mirror_grows_keeping_its_rows() -> None:
+    torch.manual_seed(2)
+    m = mirror()
+    d = Decoder(m)
+    a = d.add(3, slot=0)
+    d.step([a])
+    assert m.shape == (1, BS)
+    d.overwrite_blocks(a)  # from here a must be read from its row, however the mirror grows
+    d.step([a])
+    assert m.shape == (1, 2 * BS)
+    b = d.add(9, slot=3)
+    d.step([a, b])
+    assert d.filled == [3]
+    assert m.shape == (4, 4 * BS)  # rows to slot 3 (doubling 1 -> 2 is too few); width doubled twice over
+    for _ in range(4):
+        d.step([a, b])
+    assert d.filled == []
+    # columns no row has written are read under the mask too: a NaN there would come out as NaN
+    assert all(t.isfinite().all() for t in (*m.keys, *m.values))
+
+
+def test_a_step_over_the_byte_limit_gathers_and_the_mirror_is_left_as_it_was() -> None:
+    torch.manual_seed(3)
+    m = mirror(max_bytes=2 * 2 * BS * GEOMETRY.bytes_per_token, max_rows=2)  # 2 rows x 2 blocks
+    d = Decoder(m)
+    a, b = d.add(1, slot=0), d.add(3, slot=1)
+    d.step([a, b])
+    assert m.shape == (2, BS)
+    for _ in range(4):
+        d.step([a, b])
+        assert d.segments.mirror is not None
+    assert m.shape == (2, 2 * BS)
+    d.step([a, b])  # b's 9 tokens do not fit
+    assert d.segments.mirror is None and d.segments.single_blocks.shape[1] > 0
+    assert m.shape == (2, 2 * BS)
+    d.step([a])  # a alone fits again, but its row missed the token of the step that gathered
+    assert d.filled == [0]
+    m.forget(1)
+    c = d.add(1, slot=1)
+    d.step([c])  # fits again: read from the mirror, filled from the blocks
+    assert d.filled == [1]
+
+
+def test_a_forward_that_failed_leaves_its_rows_to_be_filled_again() -> None:
+    torch.manual_seed(4)
+    d = Decoder(mirror())
+    a, b = d.add(3, slot=0), d.add(4, slot=1)
+    d.step([a, b])
+    step = d.segments.mirror
+    assert step is not None
+    step.forget()  # what the runner does when the forward raised after planning
+    d.step([a, b])
+    assert sorted(d.filled) == [0, 1]
