@@ -576,7 +576,7 @@ class ModelRunner:
         token_slots = torch.tensor(
             [[slot_of[n] for n in lane] for lane in token_adapters], device=self.device
         )
-        with slot_lora.routing(token_slots, keep=keep):
+        with slot_lora.routing(token_slots, keep=keep, span=slot_lora.span_of(slot_of.values())):
             yield None  # no adapter_names: the slots route every row
 
     @contextlib.contextmanager
@@ -596,19 +596,18 @@ class ModelRunner:
             yield None  # base rows only: no delta to add (the hooks add none outside routing)
             return
         slotted = [key is None or slot_lora.supports(key) for key in keys]
-        row_slots = torch.tensor(
-            [
-                slot_lora.slot_of(key) if ok else slot_lora.base_slot
-                for key, ok in zip(keys, slotted, strict=True)
-            ],
-            device=self.device,
-        )
+        slots = [
+            slot_lora.slot_of(key) if ok else slot_lora.base_slot
+            for key, ok in zip(keys, slotted, strict=True)
+        ]
+        row_slots = torch.tensor(slots, device=self.device)
+        span = slot_lora.span_of(slots)
         if all(slotted):
-            with slot_lora.routing(row_slots):
+            with slot_lora.routing(row_slots, span=span):
                 yield None
             return
         peft_names = [BASE_ADAPTER if ok else name for name, ok in zip(adapter_names, slotted, strict=True)]
-        with slot_lora.routing(row_slots, peft_rows=True):
+        with slot_lora.routing(row_slots, peft_rows=True, span=span):
             yield peft_names
 
 

@@ -111,11 +111,14 @@ def _logits_peft(model: PeftModel, ids: torch.Tensor, names: list[str]) -> torch
     return model(input_ids=ids, adapter_names=names).logits
 
 
-def _logits_slots(model: PeftModel, slots: SlotLoRA, ids: torch.Tensor, names: list[str]) -> torch.Tensor:
-    rows = torch.tensor([slots.slot_of(None if n == BASE else n) for n in names])
+def _logits_slots(
+    model: PeftModel, slots: SlotLoRA, ids: torch.Tensor, names: list[str], *, span: bool = False
+) -> torch.Tensor:
+    """``span``: the hooks multiply by the rows' slots only, as the runner routes (else by every slot)."""
+    row_slots = [slots.slot_of(None if n == BASE else n) for n in names]
     slots.enabled = True
     try:
-        with slots.routing(rows):
+        with slots.routing(torch.tensor(row_slots), span=slots.span_of(row_slots) if span else None):
             return model(input_ids=ids).logits
     finally:
         slots.enabled = False
@@ -132,12 +135,13 @@ def _logits_slots(model: PeftModel, slots: SlotLoRA, ids: torch.Tensor, names: l
         ["s2", "s2"],
     ],
 )
+@pytest.mark.parametrize("span", [False, True])
 @torch.inference_mode()
-def test_equals_peft_mixed_batch(peft_model: PeftModel, names: list[str]) -> None:
+def test_equals_peft_mixed_batch(peft_model: PeftModel, names: list[str], span: bool) -> None:
     slots = _slot_lora(peft_model)
     ids = torch.randint(0, 64, (len(names), 5))
     expected = _logits_peft(peft_model, ids, names)
-    got = _logits_slots(peft_model, slots, ids, names)
+    got = _logits_slots(peft_model, slots, ids, names, span=span)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
 
 
@@ -298,11 +302,12 @@ def test_token_routing_gives_each_token_its_adapter(peft_model: PeftModel) -> No
     names = ["s1", "s1", BASE, "s3", "s3", "s3", "s2", BASE]
     x = torch.randn(1, len(names), layer.in_features)
     expected = layer(x.view(len(names), 1, -1), adapter_names=names).view(1, len(names), -1)
-    token_slots = torch.tensor([[slots.slot_of(None if n == BASE else n) for n in names]])
+    row_slots = [slots.slot_of(None if n == BASE else n) for n in names]
+    token_slots = torch.tensor([row_slots])
     keep = torch.tensor([1, 5, 6])
     slots.enabled = True
     try:
-        with slots.routing(token_slots, keep=keep):
+        with slots.routing(token_slots, keep=keep, span=slots.span_of(row_slots)):
             got = layer.base_layer(x)
             kept = layer.base_layer(x[:, keep])
     finally:
@@ -310,3 +315,17 @@ def test_token_routing_gives_each_token_its_adapter(peft_model: PeftModel) -> No
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(kept, expected[:, keep], atol=ATOL, rtol=RTOL)
     assert not torch.allclose(got[0, 0], layer.base_layer(x)[0, 0])  # routing really added a delta
+
+
+def test_span_is_the_rows_slots_and_must_lie_within_the_slots(peft_model: PeftModel) -> None:
+    slots = _slot_lora(peft_model)  # s1.. in slots 0..
+    s1, s3 = slots.slot_of("s1"), slots.slot_of("s3")
+    assert slots.span_of([slots.base_slot, s3, s1, slots.base_slot]) == (min(s1, s3), max(s1, s3) + 1)
+    assert slots.span_of([slots.base_slot]) is None
+    slots.enabled = True
+    try:
+        for bad in [(0, 0), (-1, 2), (2, slots.num_slots + 1)]:
+            with pytest.raises(ValueError), slots.routing(torch.zeros(1, dtype=torch.long), span=bad):
+                pass
+    finally:
+        slots.enabled = False
