@@ -502,9 +502,10 @@ class ModelRunner:
                 self.base_model,
                 num_slots=self.store.max_gpu_adapters,
                 r_max=max_lora_rank,
-                # float32 on the CPU: a rank-16 matmul in bf16 costs ~30 us of fixed overhead there against
-                # ~5 us in float32, and a step runs two per adapted linear (the slots hold 2x the bytes)
+                # float32 slots on the CPU, for decode steps of few rows; wider forwards in the model's
+                # dtype (server/runtime/slot_lora.py, SMALL_FORWARD_TOKENS). The slots hold 2x the bytes.
                 dtype=torch.float32 if self.device.type == "cpu" else self.dtype,
+                wide_dtype=self.dtype,
                 device=self.device,
             )
             self.slot_lora.enabled = True

@@ -7,6 +7,7 @@ same products in another order than PEFT's ``lora_B(lora_A(x)) * scaling``; in f
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from server.runtime.slot_lora import SlotLoRA, SlotWeights, UnsupportedAdapterError
+from server.runtime.slot_lora import SMALL_FORWARD_TOKENS, SlotLoRA, SlotWeights, UnsupportedAdapterError
 
 ATOL = RTOL = 1e-4
 BASE = "__base__"
@@ -329,3 +330,37 @@ def test_span_is_the_rows_slots_and_must_lie_within_the_slots(peft_model: PeftMo
                 pass
     finally:
         slots.enabled = False
+
+
+@torch.inference_mode()
+def test_float32_slots_of_a_bf16_model_compute_wide_forwards_in_bf16(peft_model: PeftModel) -> None:
+    """What the CPU runs for a bf16 model: float32 slots, whose delta a forward of few tokens computes in
+    float32 (closer to the float32 reference than bf16 can be) and a wider one in bf16 from the same
+    weights, exactly as bf16 slots would."""
+    names = ["s2", BASE, "s1"]
+
+    def bf16_slots(dtype: torch.dtype, wide: torch.dtype | None) -> tuple[PeftModel, SlotLoRA]:
+        model = copy.deepcopy(peft_model).to(torch.bfloat16)
+        slots = SlotLoRA(
+            model, num_slots=6, r_max=8, dtype=dtype, wide_dtype=wide, device=torch.device("cpu")
+        )
+        slots.on_peft_change(model)
+        for name in ADAPTERS:
+            assert _enter(slots, model, name)
+        return model, slots
+
+    mixed, mixed_slots = bf16_slots(torch.float32, torch.bfloat16)
+    plain, plain_slots = bf16_slots(torch.bfloat16, None)
+    wide = torch.randint(0, 64, (len(names), 4))  # 12 tokens
+    assert wide.numel() > SMALL_FORWARD_TOKENS
+    torch.testing.assert_close(
+        _logits_slots(mixed, mixed_slots, wide, names, span=True),
+        _logits_slots(plain, plain_slots, wide, names, span=True),
+        atol=0,
+        rtol=0,
+    )
+    small = wide[:, :2]  # 6 tokens
+    got = _logits_slots(mixed, mixed_slots, small, names, span=True)
+    assert got.dtype == torch.bfloat16
+    assert not torch.equal(got, _logits_slots(plain, plain_slots, small, names, span=True))
+    torch.testing.assert_close(got.float(), _logits_peft(peft_model, small, names), atol=5e-2, rtol=5e-2)
