@@ -32,6 +32,16 @@ GROWTH = 2  # a mirror too small for a step grows to this many times its rows or
 Owner = tuple[str, int]  # (request id, preemptions so far): who a row's tokens belong to
 
 
+def decode_mask(positions: torch.Tensor, width: int, window: int | None) -> torch.Tensor:
+    """[R, 1, 1, width] bool for one-token rows at ``positions`` [R, 1]: row ``i`` sees key columns
+    ``<= positions[i]`` (and ``> positions[i] - window`` with a window)."""
+    cols = torch.arange(width, device=positions.device)[None, :]
+    mask = cols <= positions
+    if window is not None:
+        mask &= cols > positions - window
+    return mask[:, None, None, :]
+
+
 @dataclass(slots=True, frozen=True)
 class DecodeRow:
     """One decode row of a forward: the sequence in ``slot`` (``owner``) computes the token at
@@ -63,14 +73,9 @@ class MirrorStep:
         """[rows, 1, 1, width] bool: each decode row sees its own keys (within ``window``); the rows of other
         slots see column 0 (their position counts as 0), so none is all -inf. Built once per forward."""
         if window not in self._masks:
-            device = self.slots.device
-            position = torch.zeros(self.rows, dtype=torch.long, device=device)
+            position = torch.zeros(self.rows, dtype=torch.long, device=self.slots.device)
             position[self.slots] = self.positions
-            cols = torch.arange(self.width, device=device)[None, :]
-            mask = cols <= position[:, None]
-            if window is not None:
-                mask &= cols > position[:, None] - window
-            self._masks[window] = mask[:, None, None, :]
+            self._masks[window] = decode_mask(position[:, None], self.width, window)
         return self._masks[window]
 
     def keys_values(

@@ -32,7 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from server.engine.types import Batch
-from server.runtime.decode_mirror import DecodeMirror, DecodeRow, MirrorStep
+from server.runtime.decode_mirror import DecodeMirror, DecodeRow, MirrorStep, decode_mask
 from server.runtime.kv_cache import PagedKVCache
 
 if TYPE_CHECKING:
@@ -79,11 +79,8 @@ class VarlenSegments:
         layer, so built once per forward and window."""
         key = (-1, window)
         if key not in self._masks:
-            cols = torch.arange(self.single_blocks.shape[1] * self.kv.block_size, device=self.kv.device)
-            mask = cols[None, :] <= self.single_positions
-            if window is not None:
-                mask &= cols[None, :] > self.single_positions - window
-            self._masks[key] = mask[:, None, None, :]
+            width = self.single_blocks.shape[1] * self.kv.block_size
+            self._masks[key] = decode_mask(self.single_positions, width, window)
         return self._masks[key]
 
     def chunk_mask(self, index: int, window: int | None) -> torch.Tensor | None:
