@@ -367,7 +367,7 @@ class SlotLoRA:
                 return out
             x = args[0]
             first, end = self._span
-            wide = self.wide_dtype is not None and x.numel() > SMALL_FORWARD_TOKENS * x.shape[-1]
+            wide = x.numel() > SMALL_FORWARD_TOKENS * x.shape[-1]
             dtype = self.wide_dtype if wide and self.wide_dtype is not None else self.dtype
             # [S*r, in] and [S*r, out] of the span's slots (converted for a wide forward: a few KiB a slot)
             a = layer.lora_a[first:end].view(-1, layer.lora_a.shape[-1]).to(dtype)
