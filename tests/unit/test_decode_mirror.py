@@ -15,9 +15,9 @@ from server.engine.types import Batch, Sequence
 from server.runtime.decode_mirror import DecodeMirror
 from server.runtime.kv_cache import KVGeometry, PagedKVCache, PagedPlacement
 from server.runtime.packing import Lane, pack_lanes
-from server.runtime.varlen import varlen_attention, varlen_segments
+from server.runtime.varlen import varlen_segments
 from tests.unit.test_packing import seq
-from tests.unit.test_varlen import BS, HKV, HQ, Attention, D, by_hand
+from tests.unit.test_varlen import BS, HKV, HQ, D, attend, by_hand
 
 GEOMETRY = KVGeometry(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.float32)
 NUM_BLOCKS = 32
@@ -62,16 +62,7 @@ class Decoder:
         self.kv.placement = PagedPlacement(write_slots=packed.write_slots, read_blocks=None)
         k_states, v_states = self.kv.update(new_k, new_v, 0)
         self.segments = varlen_segments(packed, lanes, batch, self.kv, self.mirror)
-        out, _ = varlen_attention(
-            Attention(),
-            query,
-            k_states,
-            v_states,
-            None,
-            scaling=D**-0.5,
-            varlen=self.segments,
-            sliding_window=window,
-        )
+        out = attend(query, k_states, v_states, self.segments, window)
         for column, s in enumerate(seqs):
             expected = by_hand(
                 query[0, :, column : column + 1],

@@ -10,7 +10,7 @@ import torch
 from server.engine.types import Batch
 from server.runtime.kv_cache import KVGeometry, PagedKVCache, PagedPlacement
 from server.runtime.packing import Lane, pack_lanes
-from server.runtime.varlen import varlen_attention, varlen_segments
+from server.runtime.varlen import VarlenSegments, varlen_attention, varlen_segments
 from tests.unit.test_packing import seq
 
 BS, HQ, HKV, D = 4, 4, 2, 8
@@ -37,6 +37,20 @@ def by_hand(
         seen &= cols > rows - window
     probs = scores.masked_fill(~seen, float("-inf")).softmax(-1)
     return (probs @ v).transpose(0, 1)
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segments: VarlenSegments,
+    window: int | None,
+) -> torch.Tensor:
+    """Varlen attention of ``Attention()`` over ``segments``, as a model's layer calls it."""
+    out, _ = varlen_attention(
+        Attention(), query, key, value, None, scaling=D**-0.5, varlen=segments, sliding_window=window
+    )
+    return out
 
 
 @pytest.mark.parametrize("window", [None, 3])
@@ -77,16 +91,7 @@ def test_each_sequence_attends_its_own_keys(window: int | None) -> None:
     kv.placement = PagedPlacement(write_slots=packed.write_slots, read_blocks=None)
     k_states, v_states = kv.update(new_k, new_v, 0)
 
-    out, _ = varlen_attention(
-        Attention(),
-        query,
-        k_states,
-        v_states,
-        None,
-        scaling=D**-0.5,
-        varlen=varlen_segments(packed, lanes, batch, kv),
-        sliding_window=window,
-    )
+    out = attend(query, k_states, v_states, varlen_segments(packed, lanes, batch, kv), window)
 
     assert out.shape == (b, width, HQ, D)
     covered = torch.zeros(b, width, dtype=torch.bool)
