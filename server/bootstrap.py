@@ -100,6 +100,7 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[As
         store=store,
         cuda_graphs=settings.cuda_graphs,
         cpu_prepack=settings.cpu_prepack,
+        decode_attention=settings.decode_attention,
         max_lora_rank=settings.max_lora_rank,
         logprobs_mode=settings.logprobs_mode,
         kv_cache_memory=settings.kv_cache_memory,

@@ -16,6 +16,11 @@ column 0 only and their output is dropped.
 
 The mirror is a cache of gathers, bounded by ``max_bytes``: a step whose rows and width would not fit
 gathers as before and leaves the mirror as it was.
+
+With ``whole_rows`` a step reads its rows at the mirror's whole width where that is at most ``WHOLE_ROWS``
+times its own: then ``[:rows]`` is contiguous, and the CPU's bf16 bmm (``decode_attention``'s matmuls)
+copies a batch of rows cut shorter before multiplying (measured on a Zen 4, 16 rows of 112 keys in rows
+of 192: 2 ms of copy per call, against 0.3 ms for the whole rows). SDPA reads cut rows in place.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from server.runtime.kv_cache import KVGeometry, PagedKVCache
 
 MIRROR_SHARE = 0.25  # of the KV pool's bytes, the most the mirror may hold
 GROWTH = 2  # a mirror too small for a step grows to this many times its rows or width, where that fits
+WHOLE_ROWS = 2  # whole_rows: a step reads whole rows when they are at most this many times its width
 
 Owner = tuple[str, int]  # (request id, preemptions so far): who a row's tokens belong to
 
@@ -107,7 +113,7 @@ class MirrorStep:
 class DecodeMirror:
     """Per layer ``[rows, kv_heads, width, head_dim]`` keys and values; row ``slot`` holds the first
     ``filled`` tokens of the sequence ``owner`` names. At most ``max_rows`` x ``max_width`` and
-    ``max_bytes``."""
+    ``max_bytes``; ``whole_rows``: steps read rows at the whole width where it is near theirs."""
 
     def __init__(
         self,
@@ -118,8 +124,10 @@ class DecodeMirror:
         max_bytes: int,
         max_rows: int,
         max_width: int,
+        whole_rows: bool = False,
     ) -> None:
         self.geometry = geometry
+        self.whole_rows = whole_rows
         self.block_size = block_size
         self.device = device
         self.max_bytes = max_bytes
@@ -160,6 +168,8 @@ class DecodeMirror:
         for r in rows:
             self._owner[r.slot] = r.owner
             self._filled[r.slot] = r.position + 1
+        if self.whole_rows and self._width <= WHOLE_ROWS * width:
+            width = self._width  # the columns past a row's position are masked
         fill_slots = fill_blocks = None
         if fills:
             count = max(len(r.blocks) for r in fills)

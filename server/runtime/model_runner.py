@@ -38,6 +38,7 @@ from server.engine.types import (
 )
 from server.runtime.attention import MaskLayout
 from server.runtime.cuda_graphs import DecodeGraphs, DecodeRow
+from server.runtime.decode_attention import DecodeAttention, choose_kernel
 from server.runtime.decode_mirror import MIRROR_SHARE, DecodeMirror
 from server.runtime.kv_cache import KVGeometry, PagedKVCache, PagedPlacement
 from server.runtime.packing import MIXED, Lane, PackedStep, attention_size, pack_lanes
@@ -90,6 +91,7 @@ class ModelRunner:
         store: ServingStore | None = None,
         cuda_graphs: bool = True,
         cpu_prepack: CpuPrepack = "auto",
+        decode_attention: DecodeAttention = "auto",
         slot_lora: bool | None = None,
         max_lora_rank: int = 16,
         logprobs_mode: LogprobsMode = "raw_logprobs",
@@ -127,6 +129,17 @@ class ModelRunner:
         self.kv = PagedKVCache(
             geometry=geometry, num_blocks=num_blocks, block_size=block_size, device=self.device
         )
+        # how decode rows attend in packed forwards (server/runtime/decode_attention.py): timed at load
+        self.decode_kernel = choose_kernel(
+            decode_attention,
+            self.device,
+            num_heads=num_heads,
+            num_kv_heads=geometry.num_kv_heads,
+            head_dim=head_dim,
+            dtype=self.dtype,
+            rows=num_slots,
+            width=max_model_len,
+        )
         # decode rows read their keys in place on the CPU (on CUDA, graphs read the blocks)
         self.mirror = (
             DecodeMirror(
@@ -136,6 +149,7 @@ class ModelRunner:
                 max_bytes=int(self.kv.nbytes * MIRROR_SHARE),
                 max_rows=num_slots,
                 max_width=max_model_len,
+                whole_rows=self.decode_kernel == "matmul",
             )
             if self.device.type == "cpu"
             else None
@@ -289,7 +303,7 @@ class ModelRunner:
         write_slots = packed.write_slots.to(self.device)
         varlen: VarlenSegments | None = None
         if self._runs_varlen(model):
-            varlen = varlen_segments(packed, lanes, batch, self.kv, self.mirror)
+            varlen = varlen_segments(packed, lanes, batch, self.kv, self.mirror, self.decode_kernel)
             self.kv.placement = PagedPlacement(write_slots=write_slots, read_blocks=None)
             # transformers passes a 4D mask through untouched; varlen attention reads the segments instead
             mask: torch.Tensor | dict[str, torch.Tensor] = torch.ones(

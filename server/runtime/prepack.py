@@ -80,13 +80,14 @@ def float32_gain(weight: torch.Tensor) -> float:
         w = torch.randn(shape)
         x = torch.randn(PACK_BATCH_HINT, shape[1])
         packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT)
-        plain = _fastest(lambda: F.linear(x, w))
-        onednn = _fastest(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+        plain = fastest(lambda: F.linear(x, w))
+        onednn = fastest(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
         _gains[shape] = plain / onednn
     return _gains[shape]
 
 
-def _fastest(call: Callable[[], object]) -> float:
+def fastest(call: Callable[[], object]) -> float:
+    """Seconds of the fastest of ``TIMING_REPEATS`` calls of ``call``, after one to warm up."""
     call()
     best = float("inf")
     for _ in range(TIMING_REPEATS):

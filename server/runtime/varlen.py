@@ -32,6 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from server.engine.types import Batch
+from server.runtime.decode_attention import Kernel, attend
 from server.runtime.decode_mirror import DecodeMirror, DecodeRow, MirrorStep, decode_mask
 from server.runtime.kv_cache import PagedKVCache
 
@@ -58,8 +59,9 @@ class Chunk:
 class VarlenSegments:
     """The sequences of one packed forward. One-token segments: query ``(single_lanes[i],
     single_columns[i])`` at ``single_positions[i]``, reading blocks ``single_blocks[i]`` (scratch past its
-    own), or with ``mirror`` its slot's row of the decode mirror; the others: ``chunks``. Query columns in
-    neither are padding (their output is zero)."""
+    own), or with ``mirror`` its slot's row of the decode mirror, through ``kernel``
+    (``server.runtime.decode_attention``); the others: ``chunks``. Query columns in neither are padding
+    (their output is zero)."""
 
     kv: PagedKVCache
     single_lanes: torch.Tensor  # [R]
@@ -68,6 +70,7 @@ class VarlenSegments:
     single_blocks: torch.Tensor  # [R, N]
     chunks: list[Chunk]
     mirror: MirrorStep | None = None
+    kernel: Kernel = "sdpa"
     _masks: dict[tuple[int, int | None], torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -107,9 +110,10 @@ def varlen_segments(
     batch: Batch,
     kv: PagedKVCache,
     mirror: DecodeMirror | None = None,
+    kernel: Kernel = "sdpa",
 ) -> VarlenSegments:
     """The segments of a forward over ``lanes`` as ``pack_lanes`` laid them out; the one-token segments
-    read ``mirror`` where it has room for them."""
+    read ``mirror`` where it has room for them, and attend through ``kernel``."""
     bs, device = kv.block_size, kv.device
     single_lanes: list[int] = []
     single_columns: list[int] = []
@@ -147,6 +151,7 @@ def varlen_segments(
         single_blocks=tensor(padded).reshape(len(padded), width),
         chunks=chunks,
         mirror=step,
+        kernel=kernel,
     )
 
 
@@ -177,15 +182,13 @@ def varlen_attention(
         step = varlen.mirror
         if step is None:
             k, v = varlen.kv.gather(layer, varlen.single_blocks)
-            mask = varlen.single_mask(sliding_window)
-            res, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=scaling, is_causal=False)
+            res = attend(varlen.kernel, module, q, k, v, varlen.single_mask(sliding_window), scaling)
         else:
             new_k = key[varlen.single_lanes, :, varlen.single_columns]  # [R, Hkv, D]
             new_v = value[varlen.single_lanes, :, varlen.single_columns]
             k, v = step.keys_values(layer, new_k, new_v)
             q, mask = step.scatter_queries(q), step.mask(sliding_window)
-            res, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=scaling, is_causal=False)
-            res = res.index_select(0, step.slots)
+            res = attend(varlen.kernel, module, q, k, v, mask, scaling).index_select(0, step.slots)
         out[varlen.single_lanes, varlen.single_columns] = res[:, 0]
     for index, chunk in enumerate(varlen.chunks):
         lane, cols = chunk.lane, slice(chunk.column, chunk.column + chunk.length)

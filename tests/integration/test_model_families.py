@@ -333,3 +333,37 @@ def test_float32_prepacked_linears_serve_the_tokens_of_a_fresh_model(families) -
         finally:
             engine.stop()
             store.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma2"])  # gemma2 attends eagerly
+def test_matmul_decode_attention_serves_the_tokens_of_a_fresh_model(families, family: str) -> None:  # type: ignore[no-untyped-def]
+    """``--decode-attention matmul`` (what ``auto`` picks where SDPA times slower, as on Zen 4 in bf16):
+    decode rows attend through the matmuls over whole mirror rows; float32, so against a fresh model's
+    tokens, for the base and the adapter, alone and batched."""
+    base, adapter = families[family]
+    with one_torch_thread():
+        want_base = reference(base, None, "none")
+        want_adapter = reference(base, adapter, "none")
+        settings = Settings(
+            device="cpu",
+            model=str(base),
+            adapter_dir=adapter.parent,
+            quantization="none",
+            dtype="float32",
+            decode_attention="matmul",
+            max_num_seqs=8,
+            max_model_len=128,
+            max_gpu_adapters=2,
+        )
+        engine, store = build_engine(settings)
+        runner = engine.runner
+        assert runner.decode_kernel == "matmul"
+        assert runner.mirror is not None and runner.mirror.whole_rows
+        engine.start()
+        try:
+            assert_served_in_every_order(engine, want_base, want_adapter)
+            assert runner.mirror.shape[0] > 0  # decode rows were read from the mirror
+        finally:
+            engine.stop()
+            store.close()  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from server.engine.types import Batch, Sequence
+from server.runtime.decode_attention import Kernel
 from server.runtime.decode_mirror import DecodeMirror
 from server.runtime.kv_cache import KVGeometry, PagedKVCache, PagedPlacement
 from server.runtime.packing import Lane, pack_lanes
@@ -27,11 +28,12 @@ class Decoder:
     """Sequences decoding one token a step through varlen attention, each with the true keys and values
     of all its tokens (what the pool holds for the tokens it has seen)."""
 
-    def __init__(self, mirror: DecodeMirror | None) -> None:
+    def __init__(self, mirror: DecodeMirror | None, kernel: Kernel = "sdpa") -> None:
         self.kv = PagedKVCache(
             geometry=GEOMETRY, num_blocks=NUM_BLOCKS, block_size=BS, device=torch.device("cpu")
         )
         self.mirror = mirror
+        self.kernel: Kernel = kernel
         self.keys: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
         self._next_block = 0
@@ -61,7 +63,7 @@ class Decoder:
         new_v = torch.stack([self.values[s.request_id][:, -1] for s in seqs], 1)[None]
         self.kv.placement = PagedPlacement(write_slots=packed.write_slots, read_blocks=None)
         k_states, v_states = self.kv.update(new_k, new_v, 0)
-        self.segments = varlen_segments(packed, lanes, batch, self.kv, self.mirror)
+        self.segments = varlen_segments(packed, lanes, batch, self.kv, self.mirror, self.kernel)
         out = attend(query, k_states, v_states, self.segments, window)
         for column, s in enumerate(seqs):
             expected = by_hand(
@@ -105,7 +107,7 @@ class Decoder:
         self.kv.values[0][:, slots] = self.values[s.request_id][:, tokens.start : tokens.stop]
 
 
-def mirror(max_bytes: int = 1 << 30, max_rows: int = 8) -> DecodeMirror:
+def mirror(max_bytes: int = 1 << 30, max_rows: int = 8, *, whole_rows: bool = False) -> DecodeMirror:
     return DecodeMirror(
         geometry=GEOMETRY,
         block_size=BS,
@@ -113,13 +115,15 @@ def mirror(max_bytes: int = 1 << 30, max_rows: int = 8) -> DecodeMirror:
         max_bytes=max_bytes,
         max_rows=max_rows,
         max_width=64,
+        whole_rows=whole_rows,
     )
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
 @pytest.mark.parametrize("window", [None, 3])
-def test_rows_fill_once_then_read_the_mirror(window: int | None) -> None:
+def test_rows_fill_once_then_read_the_mirror(window: int | None, kernel: Kernel) -> None:
     torch.manual_seed(0)
-    d = Decoder(mirror())
+    d = Decoder(mirror(whole_rows=kernel == "matmul"), kernel)
     a, b = d.add(5, slot=0), d.add(2, slot=2)  # slot 1 is not decoding: a hole between them
     d.step([b, a], window)
     assert sorted(d.filled) == [0, 2]  # both new to the mirror
@@ -208,3 +212,25 @@ def test_a_forward_that_failed_leaves_its_rows_to_be_filled_again() -> None:
     step.forget()  # what the runner does when the forward raised after planning
     d.step([a, b])
     assert sorted(d.filled) == [0, 1]
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_whole_rows_are_read_where_the_mirror_is_at_most_twice_as_wide_as_the_step(
+    window: int | None,
+) -> None:
+    torch.manual_seed(5)
+    m = mirror(whole_rows=True)
+    d = Decoder(m, "matmul")
+    a = d.add(3 * BS, slot=1)  # slot 0 not decoding: its row attends column 0 only
+    d.step([a], window)
+    assert m.shape == (2, 4 * BS)
+    m.forget(1)
+    b = d.add(1, slot=1)  # 2 tokens, one block: the mirror is 4x as wide
+    d.step([b], window)
+    step = d.segments.mirror
+    assert step is not None and step.width == BS
+    for _ in range(BS):
+        d.step([b], window)  # to 6 tokens, 2 blocks: the mirror is 2x as wide, so its whole rows are read
+    step = d.segments.mirror
+    assert step is not None and step.width == 4 * BS and m.shape == (2, 4 * BS)
+    assert d.filled == []

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from server.engine.types import Batch
+from server.runtime.decode_attention import Kernel
 from server.runtime.kv_cache import KVGeometry, PagedKVCache, PagedPlacement
 from server.runtime.packing import Lane, pack_lanes
 from server.runtime.varlen import VarlenSegments, varlen_attention, varlen_segments
@@ -53,8 +54,9 @@ def attend(
     return out
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
 @pytest.mark.parametrize("window", [None, 3])
-def test_each_sequence_attends_its_own_keys(window: int | None) -> None:
+def test_each_sequence_attends_its_own_keys(window: int | None, kernel: Kernel) -> None:
     torch.manual_seed(0)
     kv = PagedKVCache(
         geometry=KVGeometry(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.float32),
@@ -91,7 +93,7 @@ def test_each_sequence_attends_its_own_keys(window: int | None) -> None:
     kv.placement = PagedPlacement(write_slots=packed.write_slots, read_blocks=None)
     k_states, v_states = kv.update(new_k, new_v, 0)
 
-    out = attend(query, k_states, v_states, varlen_segments(packed, lanes, batch, kv), window)
+    out = attend(query, k_states, v_states, varlen_segments(packed, lanes, batch, kv, kernel=kernel), window)
 
     assert out.shape == (b, width, HQ, D)
     covered = torch.zeros(b, width, dtype=torch.bool)
