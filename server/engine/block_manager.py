@@ -107,6 +107,12 @@ class BlockManager:
     def ref_count(self, block_id: int) -> int:
         return self._blocks[block_id].ref_count
 
+    def cached_prefix(self, token_ids: list[int], digest: str) -> int:
+        """Tokens of ``token_ids`` an ``allocate`` now would find cached (changes nothing, counts nothing)."""
+        if not self.enable_prefix_caching:
+            return 0
+        return len(self._lookup(token_ids, digest)) * self.block_size
+
     # ------------------------------------------------------------------------------------ changes
 
     def allocate(

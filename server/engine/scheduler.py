@@ -1,11 +1,11 @@
 """Waiting and running queues, admission, and the choice of the next step. Torch-free.
 
 Every step shares one token budget (``max_num_batched_tokens``) between decode rows and prompt chunks,
-decode rows first: each running sequence past its prompt computes one token, then sequences still in
-their prompt continue with a chunk, then waiting sequences are admitted with a first chunk while budget,
-slots and KV blocks last. So a long prompt never holds running streams up for more than one budgeted step.
-While decode rows run, prompt chunks also stay under ``prefill_beside_decode`` tokens plus one per decode
-row, so a step with prompt tokens holds the decoding streams up for a bounded time and inter-token latency
+decode rows first: each running sequence past its prompt computes one token, then prompt chunks, of
+sequences still in their prompt and of waiting ones admitted with a first chunk (in the order below),
+while budget, slots and KV blocks last. So a long prompt never holds running streams up for more than one
+budgeted step. While decode rows run, prompt chunks also stay under ``prefill_beside_decode`` tokens plus
+one per decode row, so a step with prompt tokens holds the decoding streams up for a bounded time and inter-token latency
 stays near its median while new prompts arrive; the price is slower admission under a burst of long
 prompts. On the CPU the engine sets it between steps from what steps cost (``server.engine.step_cost``).
 Alone (no decode rows) a prompt takes the whole budget.
@@ -18,7 +18,13 @@ queue and recomputes its tokens when readmitted, keeping its slot and adapter le
 Admission also needs a free slot (per-sequence sampling state, ``max_num_seqs``), at most
 ``max_loras_per_batch`` distinct adapters among the running, and a resident adapter (``acquire`` returned
 a lease). A sequence whose adapter is still loading is skipped, not rejected, and keeps its place. Among
-admissible sequences the tenant with the fewest running sequences goes first, then arrival order.
+admissible sequences the tenant with the fewest running sequences goes first.
+
+Prompt tokens go to the sequences that want them (running ones still in their prompt, then admissions) in
+one order: preempted sequences first, then by tenant as above, then the fewest prompt tokens left to
+compute, then arrival. Shortest first is what keeps a chat turn's short uncached tail (its history is in
+the prefix cache) from waiting behind other conversations' long first prompts; a prompt that later ones
+have gone ahead of for ``MAX_BYPASSES`` steps goes first by arrival, so none starves.
 
 Why a sequence waits (``num_deferred``, vLLM's waiting reasons): the last admission pass *deferred* it for a
 transient constraint (its adapter still loading, or the step's distinct-adapter budget full); every other
@@ -46,6 +52,15 @@ AcquireFn = Callable[[str], AdapterLease | None]
 ReleaseFn = Callable[[AdapterLease], None]
 
 BASE_DIGEST = "base"
+MAX_BYPASSES = 64  # steps a wanting prompt lets later, shorter ones go first; then it goes by arrival
+
+
+@dataclass(slots=True)
+class _Admission:
+    """One step's admission pass: the adapters its rows run, and whether it is over."""
+
+    adapters: set[str]
+    stopped: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -93,6 +108,9 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: the newest is preempted first
         self._free_slots = list(range(config.num_slots))  # a min-heap: low slots first (graph buckets)
         self._deferred: set[str] = set()  # request ids the last admission pass deferred
+        self._bypassed: dict[str, int] = {}  # request id -> steps later prompts got tokens before it
+        self._left: dict[str, int] = {}  # waiting request id -> prompt tokens to compute, when first seen
+        self._last_digest: dict[str, str] = {}  # adapter name -> the digest of its last lease
         self.blocks = BlockManager(
             config.resolved_num_blocks,
             config.block_size,
@@ -151,6 +169,7 @@ class Scheduler:
         for seq in self.waiting:
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
+                self._forget(seq)
                 seq.aborted = True
                 return seq
         for seq in self.running:
@@ -163,6 +182,7 @@ class Scheduler:
         """Take ``seq`` out for good: free its blocks and slot, unpin its adapter."""
         seq.finish_reason = reason
         seq.status = SequenceStatus.FINISHED
+        self._forget(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -190,6 +210,7 @@ class Scheduler:
         # every decode row runs (a budget below --max-num-seqs would starve the last ones); what they
         # leave of the budget goes to prompt chunks
         for seq in [s for s in self.running if not s.in_prefill]:
+            self._bypassed.pop(seq.request_id, None)  # its prompt is done
             if seq.status is not SequenceStatus.RUNNING or not self._make_room(seq, seq.num_tokens, result):
                 continue
             rows.append(seq)
@@ -197,26 +218,75 @@ class Scheduler:
             budget -= 1
         beside = self.prefill_beside_decode
         cap = budget if not rows or beside is None else min(budget, len(rows) + beside)
-        for seq in [s for s in self.running if s.in_prefill]:
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted by an older sequence's chunk
-            chunk = self._chunk(seq, budget, cap, alone=not rows, result=result)
+        admission = _Admission(self.running_adapters())
+        self._deferred = set()
+        candidates = self._prompt_order()
+        served: list[Sequence] = []
+        for seq in candidates:
+            if budget <= 0:
+                break
+            if seq.status is SequenceStatus.RUNNING:
+                chunk = self._chunk(seq, budget, cap, alone=not rows, result=result)
+            elif seq.status is SequenceStatus.WAITING and not result.preempted and not admission.stopped:
+                # (after a preemption blocks are short: admitting now would only preempt again)
+                chunk = self._admit(seq, now, budget, cap, alone=not rows, admission=admission, result=result)
+            else:
+                continue  # preempted by an older sequence's chunk, or admission is over for this step
             if chunk > 0:
                 rows.append(seq)
                 sizes.append(chunk)
+                served.append(seq)
                 budget -= chunk
                 cap = min(cap - chunk, budget)
-        if result.preempted:  # blocks are short: admitting now would only preempt again
-            self._deferred = set()
-            if rows:
-                result.batch = Batch(seqs=rows, num_new_tokens=sizes)
-            return result
-        for seq, chunk in self._admit(now, budget, cap, alone=not rows, failed=result.failed):
-            rows.append(seq)
-            sizes.append(chunk)
+        self._count_bypasses(candidates, served)
         if rows:
             result.batch = Batch(seqs=rows, num_new_tokens=sizes)
         return result
+
+    def _prompt_order(self) -> list[Sequence]:
+        """The sequences that want prompt tokens (running ones still in their prompt, and the waiting), in
+        the order they get them: preempted sequences first (they hold a slot), then any a later one went
+        ahead of for ``MAX_BYPASSES`` steps (by arrival), then the tenant with the fewest sequences past
+        their prompt, then the fewest prompt tokens left to compute (shortest first: a chat turn's short
+        uncached tail does not wait behind another conversation's long first prompt), then arrival."""
+        decoding: dict[str | None, int] = {}  # a tenant's running sequences past their prompt
+        for s in self.running:
+            if not s.in_prefill:
+                decoding[s.tenant] = decoding.get(s.tenant, 0) + 1
+
+        def key(s: Sequence) -> tuple[bool, bool, int, int, float]:
+            running = s.status is SequenceStatus.RUNNING
+            starved = self._bypassed.get(s.request_id, 0) >= MAX_BYPASSES
+            left = 0 if starved else self._tokens_left(s)
+            return (running or s.slot < 0, not starved, decoding.get(s.tenant, 0), left, s.arrival_time)
+
+        wanting = [s for s in self.running if s.in_prefill] + self.waiting
+        return sorted(wanting, key=key)
+
+    def _tokens_left(self, seq: Sequence) -> int:
+        """Prompt tokens ``seq`` has yet to compute: a waiting sequence's after the cached prefix its prompt
+        had when first looked at (with its adapter's last known version; none known: the whole prompt)."""
+        if seq.status is SequenceStatus.RUNNING:
+            return seq.num_tokens - seq.num_cached
+        if seq.request_id not in self._left:
+            known = seq.lease is not None or seq.adapter is None
+            digest = self.cache_digest(seq) if known else self._last_digest.get(seq.adapter or "")
+            cached = 0
+            if digest is not None and seq.sampling.prompt_logprobs is None:
+                cached = self.blocks.cached_prefix(seq.token_ids, digest)
+            self._left[seq.request_id] = seq.num_tokens - cached
+        return self._left[seq.request_id]
+
+    def _count_bypasses(self, candidates: list[Sequence], served: list[Sequence]) -> None:
+        """Each wanting sequence that got no prompt tokens this step while a later one got some was
+        bypassed once more (``MAX_BYPASSES`` of them and it goes first until its prompt is done)."""
+        if not served:
+            return
+        newest = max(s.arrival_time for s in served)
+        got = {s.request_id for s in served}
+        for s in candidates:
+            if s.request_id not in got and s.arrival_time < newest and not s.is_finished:
+                self._bypassed[s.request_id] = self._bypassed.get(s.request_id, 0) + 1
 
     def _chunk(
         self, seq: Sequence, budget: int, cap: int, *, alone: bool, result: ScheduleResult | None = None
@@ -260,6 +330,10 @@ class Scheduler:
         self.blocks.grow(seq.request_id, num_tokens)
         return True
 
+    def _forget(self, seq: Sequence) -> None:
+        self._bypassed.pop(seq.request_id, None)
+        self._left.pop(seq.request_id, None)
+
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: free the blocks, keep the slot and the lease, wait at the head of the queue."""
         self.running.remove(seq)
@@ -269,65 +343,63 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
+        self._left.pop(seq.request_id, None)  # its blocks went back: looked at afresh
         self.waiting.insert(0, seq)
 
     def _admit(
-        self, now: float, budget: int, cap: int, *, alone: bool, failed: list[tuple[Sequence, EngineError]]
-    ) -> list[tuple[Sequence, int]]:
-        self._deferred = set()
-        if not self.waiting:
-            return []
-        per_tenant: dict[str | None, int] = {}
-        for s in self.running:
-            per_tenant[s.tenant] = per_tenant.get(s.tenant, 0) + 1
-        # preempted sequences first (they hold a slot already), then the fairest
-        order = sorted(
-            self.waiting,
-            key=lambda s: (s.slot < 0, per_tenant.get(s.tenant, 0), s.arrival_time),
-        )
-        adapters = self.running_adapters()
-        admitted: list[tuple[Sequence, int]] = []
-        for seq in order:
-            if budget <= 0:
-                break
-            if cap <= 0 and seq.sampling.prompt_logprobs is None:
-                break  # the step's prompt tokens are spent: it goes first next step
-            if seq.slot < 0 and not self._free_slots:
-                continue
-            new_adapter = seq.adapter is not None and seq.adapter not in adapters
-            if new_adapter and len(adapters) >= self.config.max_loras_per_batch:
+        self,
+        seq: Sequence,
+        now: float,
+        budget: int,
+        cap: int,
+        *,
+        alone: bool,
+        admission: _Admission,
+        result: ScheduleResult,
+    ) -> int:
+        """Admit waiting ``seq`` with its first chunk if a slot, its adapter and blocks allow; returns the
+        chunk (0: not admitted; ``admission.stopped`` when later ones must not overtake it)."""
+        if cap <= 0 and seq.sampling.prompt_logprobs is None:
+            admission.stopped = True  # the step's prompt tokens are spent: it goes first next step
+            return 0
+        if seq.slot < 0 and not self._free_slots:
+            return 0
+        adapters = admission.adapters
+        new_adapter = seq.adapter is not None and seq.adapter not in adapters
+        if new_adapter and len(adapters) >= self.config.max_loras_per_batch:
+            self._deferred.add(seq.request_id)
+            return 0
+        if seq.lease is None and seq.adapter is not None:
+            try:
+                lease = self._acquire(seq.adapter)
+            except EngineError as exc:
+                self.waiting.remove(seq)
+                self._forget(seq)
+                result.failed.append((seq, exc))
+                return 0
+            if lease is None:
                 self._deferred.add(seq.request_id)
-                continue
-            if seq.lease is None and seq.adapter is not None:
-                try:
-                    lease = self._acquire(seq.adapter)
-                except EngineError as exc:
-                    self.waiting.remove(seq)
-                    failed.append((seq, exc))
-                    continue
-                if lease is None:
-                    self._deferred.add(seq.request_id)
-                    continue  # still loading: keep its place, try again next step
-                seq.lease = lease
-            chunk = self._allocate(seq, budget, cap, alone=alone and not admitted)
-            if chunk == 0:
-                if self.blocks.has(seq.request_id):
-                    self.blocks.free(seq.request_id)
-                    seq.num_cached = 0
-                break  # no blocks (or no budget) for it: later ones must not overtake it
-            if seq.adapter is not None:
-                adapters.add(seq.adapter)
-            budget -= chunk
-            cap = min(cap - chunk, budget)
-            self.waiting.remove(seq)
-            if seq.slot < 0:
-                seq.slot = heapq.heappop(self._free_slots)
-            seq.status = SequenceStatus.RUNNING
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
-            self.running.append(seq)
-            admitted.append((seq, chunk))
-        return admitted
+                return 0  # still loading: keep its place, try again next step
+            seq.lease = lease
+            self._last_digest[seq.adapter] = self.cache_digest(seq)
+        chunk = self._allocate(seq, budget, cap, alone=alone)
+        if chunk == 0:
+            if self.blocks.has(seq.request_id):
+                self.blocks.free(seq.request_id)
+                seq.num_cached = 0
+            admission.stopped = True  # no blocks (or no budget) for it: later ones must not overtake it
+            return 0
+        if seq.adapter is not None:
+            adapters.add(seq.adapter)
+        self.waiting.remove(seq)
+        self._left.pop(seq.request_id, None)
+        if seq.slot < 0:
+            seq.slot = heapq.heappop(self._free_slots)
+        seq.status = SequenceStatus.RUNNING
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = now
+        self.running.append(seq)
+        return chunk
 
     def _allocate(self, seq: Sequence, budget: int, cap: int, *, alone: bool) -> int:
         """Blocks for a sequence's cached prefix and first chunk; returns the chunk (0: not now)."""

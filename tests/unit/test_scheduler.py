@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduler import MAX_BYPASSES, Scheduler, SchedulerConfig
 from server.engine.types import (
     AdapterUnavailableError,
     Batch,
@@ -156,8 +156,8 @@ def test_slots_bound_admission_and_lowest_slot_is_reused() -> None:
     [
         ([10, 10, 10], 25, [10, 10, 5]),  # the third prompt starts with what the budget leaves
         ([30], 25, [25]),  # a long prompt is chunked
-        ([30, 5], 25, [25]),
-        ([5, 30, 5], 25, [5, 20]),
+        ([30, 5], 25, [5, 20]),  # the shorter prompt first, the longer with what is left
+        ([5, 30, 5], 25, [5, 5, 15]),
         ([], 25, []),
     ],
 )
@@ -287,11 +287,11 @@ def test_arrivals_join_the_running_decode_step() -> None:
 
 def test_admission_waits_for_free_blocks() -> None:
     s, _ = make(slots=8, blocks=4, block_size=4)
-    first, second, third = seq(12), seq(12), seq(4)
+    first, second, third = seq(12), seq(12), seq(12)
     for q in (first, second, third):
         s.add(q)
     batch = step(s)
-    # first takes 3 of 4 blocks, second starts with a chunk of the last one, third waits (no overtaking)
+    # first takes 3 of 4 blocks, second starts with a chunk of the last one, third waits
     assert batch is not None and batch.seqs == [first, second] and batch.num_new_tokens == [12, 4]
     assert third.status is SequenceStatus.WAITING and s.kv_cache_usage == 1.0
 
@@ -299,7 +299,9 @@ def test_admission_waits_for_free_blocks() -> None:
 def test_decode_preempts_the_newest_sequence_when_blocks_run_out() -> None:
     s, _ = make(slots=8, blocks=4, block_size=4)
     old, new = seq(4), seq(3)
+    old.arrival_time = new.arrival_time = 0.0
     s.add(old)
+    s._bypassed[old.request_id] = MAX_BYPASSES  # old goes first by arrival, whatever new's length
     s.add(new)
     step(s)  # old: 1 block (+1 token), new: 1 block
     step(s)  # old grows to 2 blocks, new fills its block
@@ -317,12 +319,13 @@ def test_a_preempted_sequence_recomputes_its_tokens_and_keeps_its_output() -> No
     s, _ = make(slots=8, blocks=5, block_size=4, prefix_caching=False)
     old, new = seq(8), seq(4)
     s.add(old)
+    step(s)  # old is admitted first (the shorter new would go first beside it)
     s.add(new)
     step(s)
     new.token_ids.extend([9, 9])  # pretend both decoded a while: new 7 tokens (2 blocks)
     new.num_cached = new.num_tokens - 1
     s.blocks.grow(new.request_id, new.num_tokens)
-    old.token_ids.extend([5] * 4)  # old 13 tokens, 12 with KV (3 blocks): 5 blocks taken
+    old.token_ids.extend([5] * 3)  # old 13 tokens, 12 with KV (3 blocks): 5 blocks taken
     old.num_cached = 12
     s.blocks.grow(old.request_id, 12)
     batch = step(s)  # old needs a 4th block: new goes, and nothing is admitted in its place
@@ -509,3 +512,59 @@ def test_a_good_cap_reaches_the_settings() -> None:
 
     args = build_parser().parse_args(["serve", "--prefill-beside-decode", "0"])
     assert settings_from_args(args).prefill_beside_decode == 0
+
+
+def test_a_chat_turns_cached_history_puts_its_short_tail_ahead_of_an_earlier_long_prompt() -> None:
+    s, _ = make(slots=8, budget=8, block_size=4)
+    s.add(turn1 := seq(20))
+    for _ in range(4):
+        step(s)  # 20 prompt tokens in chunks of 8, then its first decode step commits the blocks
+    s.finish(turn1, FinishReason.STOP)
+    other = seq(24, t=1000.0)  # another conversation's first prompt, sent first
+    other.token_ids = [100 + i for i in range(24)]
+    s.add(other)
+    turn2 = seq(t=1001.0)
+    turn2.token_ids = [*turn1.token_ids, 90, 91, 92, 93, 94]  # the history (and reply) and a question
+    turn2.num_prompt_tokens = len(turn2.token_ids)
+    s.add(turn2)
+    batch = step(s)
+    assert batch is not None and batch.seqs == [turn2, other]
+    assert turn2.num_prefix_cached == 20 and batch.num_new_tokens == [7, 1]
+
+
+def test_a_short_prompt_goes_ahead_of_a_long_one_already_in_its_chunks() -> None:
+    s, _ = make(slots=8, budget=10, prefix_caching=False)
+    s.add(long := seq(100))
+    step(s)
+    s.add(short := seq(6))
+    batch = step(s)
+    assert batch is not None and batch.seqs == [short, long] and batch.num_new_tokens == [6, 4]
+
+
+def test_the_tenant_with_fewer_running_goes_before_the_shorter_prompt() -> None:
+    s, _ = make(slots=8, budget=100, prefix_caching=False)
+    s.add(busy := seq(4, tenant="busy"))
+    step(s)
+    s.add(long := seq(50, tenant="idle"))
+    s.add(short := seq(5, tenant="busy"))
+    assert prefill_rows(step(s)) == [long, short]
+    assert busy.status is SequenceStatus.RUNNING
+
+
+def test_a_long_prompt_bypassed_for_max_bypasses_steps_goes_first() -> None:
+    s, _ = make(slots=4, budget=4, prefix_caching=False)
+    s.add(long := seq(40, t=1.0))
+    t = 2.0
+    for _ in range(MAX_BYPASSES):
+        s.add(short := seq(4, t=t))
+        t += 1.0
+        assert prefill_rows(step(s)) == [short]  # every step a later, shorter prompt goes first
+        s.finish(short, FinishReason.STOP)
+    s.add(seq(4, t=t))
+    assert prefill_rows(step(s)) == [long]
+    for _ in range(9):  # 40 tokens, 4 a step
+        s.add(seq(4, t=t + 1))
+        t += 1.0
+        assert prefill_rows(step(s)) == [long]  # first until its prompt is done
+    assert not long.in_prefill
+    assert len(prefill_rows(step(s))) == 1 and s._bypassed == {}  # a short one again; nobody starved
