@@ -9,10 +9,11 @@ soft-caps its logits (eager attention)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,27 @@ def assert_served_in_every_order(
     assert served(engine, None, beside=("tenant",)) == want_base, "base batched with the adapter"
 
 
+@contextlib.contextmanager
+def started(base: Path, adapter: Path, **flags: Any) -> Iterator[AsyncEngine]:
+    """A started engine over ``base`` and its adapter folder, on the CPU, with ``flags`` (Settings fields)."""
+    settings = Settings(
+        device="cpu",
+        model=str(base),
+        adapter_dir=adapter.parent,
+        max_num_seqs=8,
+        max_model_len=128,
+        max_gpu_adapters=2,
+        **flags,
+    )
+    engine, store = build_engine(settings)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+        store.close()  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="module")
 def families(tmp_path_factory: pytest.TempPathFactory, demo_bundle) -> dict[str, tuple[Path, Path]]:  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("families")
@@ -192,26 +214,12 @@ def test_base_and_adapter_equal_a_fresh_model(families, family: str, quantizatio
     with one_torch_thread():
         want_base = reference(base, None, quantization)
         want_adapter = reference(base, adapter, quantization)
-        settings = Settings(
-            device="cpu",
-            model=str(base),
-            adapter_dir=adapter.parent,
-            quantization=quantization,
-            max_num_seqs=8,
-            max_model_len=128,
-            max_gpu_adapters=2,
-        )
-        engine, store = build_engine(settings)
-        engine.start()
-        try:
+        with started(base, adapter, quantization=quantization) as engine:
             # the base runs first (its 4-bit layers pack on AVX512-BF16 CPUs), then the adapter is injected
             assert_served_in_every_order(engine, want_base, want_adapter)
             # packed steps attended per sequence (server.runtime.varlen), but where SDPA cannot run
             attention = engine.runner.base_model.config._attn_implementation
             assert attention == ("eager" if family == "gemma2" else VARLEN)
-        finally:
-            engine.stop()
-            store.close()  # type: ignore[attr-defined]
 
 
 def test_opt_refuses_adapters_on_its_flattened_layers(families, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -272,31 +280,15 @@ def test_bf16_prepacked_linears_serve_the_tokens_of_plain_ones(families) -> None
     tokens: dict[str, list[list[list[int]]]] = {}
     with one_torch_thread():
         for mode in ("off", "on"):
-            settings = Settings(
-                device="cpu",
-                model=str(base),
-                adapter_dir=adapter.parent,
-                quantization="none",
-                dtype="bfloat16",
-                cpu_prepack=mode,
-                max_num_seqs=8,
-                max_model_len=128,
-                max_gpu_adapters=2,
-            )
-            engine, store = build_engine(settings)
-            model = engine.runner.base_model
-            assert any(hasattr(m, PACKED) for m in model.modules()) == (mode == "on")
-            engine.start()
-            try:
+            with started(base, adapter, quantization="none", dtype="bfloat16", cpu_prepack=mode) as engine:
+                model = engine.runner.base_model
+                assert any(hasattr(m, PACKED) for m in model.modules()) == (mode == "on")
                 tokens[mode] = [
                     served(engine, None),
                     served(engine, "tenant"),
                     served(engine, "tenant", beside=(None,)),
                     served(engine, None, beside=("tenant",)),
                 ]
-            finally:
-                engine.stop()
-                store.close()  # type: ignore[attr-defined]
     assert tokens["on"] == tokens["off"]
     assert tokens["on"][0] != tokens["on"][1]  # the adapter changes the tokens: its rows really ran
 
@@ -314,25 +306,9 @@ def test_float32_prepacked_linears_serve_the_tokens_of_a_fresh_model(families) -
     with one_torch_thread():
         want_base = reference(base, None, "none")
         want_adapter = reference(base, adapter, "none")
-        settings = Settings(
-            device="cpu",
-            model=str(base),
-            adapter_dir=adapter.parent,
-            quantization="none",
-            dtype="float32",
-            cpu_prepack="on",
-            max_num_seqs=8,
-            max_model_len=128,
-            max_gpu_adapters=2,
-        )
-        engine, store = build_engine(settings)
-        assert any(hasattr(m, PACKED) for m in engine.runner.base_model.modules())
-        engine.start()
-        try:
+        with started(base, adapter, quantization="none", dtype="float32", cpu_prepack="on") as engine:
+            assert any(hasattr(m, PACKED) for m in engine.runner.base_model.modules())
             assert_served_in_every_order(engine, want_base, want_adapter)
-        finally:
-            engine.stop()
-            store.close()  # type: ignore[attr-defined]
 
 
 @pytest.mark.slow
@@ -345,25 +321,11 @@ def test_matmul_decode_attention_serves_the_tokens_of_a_fresh_model(families, fa
     with one_torch_thread():
         want_base = reference(base, None, "none")
         want_adapter = reference(base, adapter, "none")
-        settings = Settings(
-            device="cpu",
-            model=str(base),
-            adapter_dir=adapter.parent,
-            quantization="none",
-            dtype="float32",
-            decode_attention="matmul",
-            max_num_seqs=8,
-            max_model_len=128,
-            max_gpu_adapters=2,
-        )
-        engine, store = build_engine(settings)
-        runner = engine.runner
-        assert runner.decode_kernel == "matmul"
-        assert runner.mirror is not None and runner.mirror.whole_rows
-        engine.start()
-        try:
+        with started(
+            base, adapter, quantization="none", dtype="float32", decode_attention="matmul"
+        ) as engine:
+            runner = engine.runner
+            assert runner.decode_kernel == "matmul"
+            assert runner.mirror is not None and runner.mirror.whole_rows
             assert_served_in_every_order(engine, want_base, want_adapter)
             assert runner.mirror.shape[0] > 0  # decode rows were read from the mirror
-        finally:
-            engine.stop()
-            store.close()  # type: ignore[attr-defined]
