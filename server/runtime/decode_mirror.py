@@ -21,6 +21,14 @@ With ``whole_rows`` a step reads its rows at the mirror's whole width where that
 times its own: then ``[:rows]`` is contiguous, and the CPU's bf16 bmm (``decode_attention``'s matmuls)
 copies a batch of rows cut shorter before multiplying (measured on a Zen 4, 16 rows of 112 keys in rows
 of 192: 2 ms of copy per call, against 0.3 ms for the whole rows). SDPA reads cut rows in place.
+
+The mirror grows but does not shrink step by step: one that ``SHRINK_STEPS`` steps in a row needed less
+than ``1 / SHRINK_WIDTH`` of its width (long chats gone, short requests now) is dropped, and grown again to
+what the next step needs, its rows filled from their blocks, so short rows are not read out of rows of a
+whole context (cut, or copied) for good, and the memory goes back. The bound is past what growth leaves
+(a mirror grown by ``GROWTH`` from a width is at most ``GROWTH`` times it): with ``WHOLE_ROWS`` as the
+bound, rows of about 1,000 tokens in a mirror grown to 2,048 were dropped and regrown over and over, each
+time zeroing hundreds of MB (measured: a chat row's first turn went from 16 s to 156 s).
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from server.runtime.kv_cache import KVGeometry, PagedKVCache
 MIRROR_SHARE = 0.25  # of the KV pool's bytes, the most the mirror may hold
 GROWTH = 2  # a mirror too small for a step grows to this many times its rows or width, where that fits
 WHOLE_ROWS = 2  # whole_rows: a step reads whole rows when they are at most this many times its width
+SHRINK_STEPS = 64  # a mirror over SHRINK_WIDTH times wider than this many steps in a row needed is dropped
+SHRINK_WIDTH = GROWTH * WHOLE_ROWS  # past what growth from the needed width leaves, so a regrown mirror stays
 
 Owner = tuple[str, int]  # (request id, preemptions so far): who a row's tokens belong to
 
@@ -125,9 +135,12 @@ class DecodeMirror:
         max_rows: int,
         max_width: int,
         whole_rows: bool = False,
+        shrink_after: int = SHRINK_STEPS,
     ) -> None:
         self.geometry = geometry
         self.whole_rows = whole_rows
+        self.shrink_after = shrink_after
+        self._narrow_steps = 0  # steps in a row that needed under 1 / SHRINK_WIDTH of the width
         self.block_size = block_size
         self.device = device
         self.max_bytes = max_bytes
@@ -162,6 +175,9 @@ class DecodeMirror:
         bs = self.block_size
         needed_rows = max(r.slot for r in rows) + 1
         width = -(-(max(r.position for r in rows) + 1) // bs) * bs
+        self._narrow_steps = self._narrow_steps + 1 if self._width > SHRINK_WIDTH * width else 0
+        if self._narrow_steps >= self.shrink_after:
+            self._drop()
         if not self._reserve(needed_rows, width):
             return None
         fills = [r for r in rows if self._owner[r.slot] != r.owner or self._filled[r.slot] != r.position]
@@ -189,6 +205,13 @@ class DecodeMirror:
 
     def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device)
+
+    def _drop(self) -> None:
+        """Free every row: the next reservation allocates what it needs and every row is filled again."""
+        self.keys, self.values = [], []
+        self._rows = self._width = 0
+        self._owner, self._filled = [], []
+        self._narrow_steps = 0
 
     def _bytes(self, rows: int, width: int) -> int:
         g = self.geometry

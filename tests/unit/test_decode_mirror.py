@@ -107,7 +107,9 @@ class Decoder:
         self.kv.values[0][:, slots] = self.values[s.request_id][:, tokens.start : tokens.stop]
 
 
-def mirror(max_bytes: int = 1 << 30, max_rows: int = 8, *, whole_rows: bool = False) -> DecodeMirror:
+def mirror(
+    max_bytes: int = 1 << 30, max_rows: int = 8, *, whole_rows: bool = False, shrink_after: int = 1000
+) -> DecodeMirror:
     return DecodeMirror(
         geometry=GEOMETRY,
         block_size=BS,
@@ -116,6 +118,7 @@ def mirror(max_bytes: int = 1 << 30, max_rows: int = 8, *, whole_rows: bool = Fa
         max_rows=max_rows,
         max_width=64,
         whole_rows=whole_rows,
+        shrink_after=shrink_after,
     )
 
 
@@ -234,3 +237,38 @@ def test_whole_rows_are_read_where_the_mirror_is_at_most_twice_as_wide_as_the_st
     step = d.segments.mirror
     assert step is not None and step.width == 4 * BS and m.shape == (2, 4 * BS)
     assert d.filled == []
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_a_mirror_steps_have_long_needed_far_less_of_is_dropped_and_grown_to_their_size(
+    kernel: Kernel,
+) -> None:
+    torch.manual_seed(6)
+    m = mirror(whole_rows=kernel == "matmul", shrink_after=3)
+    d = Decoder(m, kernel)
+    long, short = d.add(8 * BS, slot=0), d.add(1, slot=1)
+    d.step([long, short])
+    assert m.shape == (2, 9 * BS)  # 33 tokens: 9 blocks
+    m.forget(0)  # the long one ended
+    for _ in range(2):
+        d.step([short])  # needs 1 block of 9
+        assert m.shape == (2, 9 * BS) and d.filled == []
+    d.step([short])  # the third step in a row: dropped, and grown to what it needs
+    assert m.shape == (2, 2 * BS) and d.filled == [1]  # 5 tokens: 2 blocks
+    d.step([short])
+    assert d.filled == []
+
+
+def test_rows_a_quarter_of_the_mirror_width_or_more_keep_it() -> None:
+    torch.manual_seed(7)
+    m = mirror(shrink_after=3)
+    d = Decoder(m)
+    long = d.add(16 * BS - 1, slot=0)
+    d.step([long])
+    assert m.shape == (1, 16 * BS)  # a whole test context
+    m.forget(0)
+    mid = d.add(4 * BS, slot=0)  # 17 tokens: 5 blocks, under half the width but over a quarter
+    for _ in range(6):
+        d.step([mid])
+        assert m.shape == (1, 16 * BS)
+    assert d.filled == []  # filled once, then never dropped
