@@ -24,6 +24,7 @@ from typing import Literal, cast
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from server.runtime.decode_mirror import decode_mask
 from server.runtime.prepack import fastest
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,7 @@ def timings(
         q = torch.randn(rows, num_heads, 1, head_dim, generator=generator).to(dtype)
         k = torch.randn(rows, num_kv_heads, width, head_dim, generator=generator).to(dtype)
         v = torch.randn(rows, num_kv_heads, width, head_dim, generator=generator).to(dtype)
-        lengths = torch.linspace(1, width, rows).long()[:, None]
-        mask = (torch.arange(width)[None, :] < lengths)[:, None, None, :]
+        mask = decode_mask(torch.linspace(0, width - 1, rows).long()[:, None], width, None)
         # what sdpa_attention_forward reads of an attention layer
         layer = cast(torch.nn.Module, types.SimpleNamespace(num_key_value_groups=num_heads // num_kv_heads))
         scaling = head_dim**-0.5
