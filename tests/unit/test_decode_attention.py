@@ -77,3 +77,20 @@ def test_auto_on_the_cpu_takes_the_matmuls_only_where_its_timings_say_sdpa_is_sl
     sdpa_s, matmul_s = timings(HQ, HKV, D, 16, 256, dtype=torch.float32)  # clipped to the timing shape
     assert (kernel == "matmul") == (sdpa_s >= MATMUL_MIN_GAIN * matmul_s)
     assert (HQ, HKV, D, 16, 256, torch.float32) in decode_attention._timings
+
+
+@pytest.mark.parametrize("value", ["flash", "", "SDPA"])
+def test_a_bad_decode_attention_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--decode-attention", value])
+    assert exit_info.value.code == 2
+    assert f"argument --decode-attention: invalid choice: '{value}'" in capsys.readouterr().err
+
+
+def test_a_good_decode_attention_reaches_the_settings() -> None:
+    from server.cli import build_parser, settings_from_args
+
+    args = build_parser().parse_args(["serve", "--decode-attention", "matmul"])
+    assert settings_from_args(args).decode_attention == "matmul"
