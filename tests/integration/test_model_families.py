@@ -329,3 +329,35 @@ def test_matmul_decode_attention_serves_the_tokens_of_a_fresh_model(families, fa
             assert runner.mirror is not None and runner.mirror.whole_rows
             assert_served_in_every_order(engine, want_base, want_adapter)
             assert runner.mirror.shape[0] > 0  # decode rows were read from the mirror
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decode_attention", ["sdpa", "matmul"])
+def test_rows_after_a_long_one_keep_a_fresh_models_tokens_through_a_shrunk_mirror(
+    families, decode_attention: str
+) -> None:  # type: ignore[no-untyped-def]
+    """After a long request the decode mirror is a whole context wide; the short rows that follow drop it
+    (here after 2 steps that need under a quarter of it, not 64) and grow it again to their size, filled
+    from their blocks: their tokens, alone and batched, are still a fresh model's."""
+    base, adapter = families["llama"]
+    with one_torch_thread():
+        want_base = reference(base, None, "none")
+        want_adapter = reference(base, adapter, "none")
+        with started(
+            base, adapter, quantization="none", dtype="float32", decode_attention=decode_attention
+        ) as engine:
+            mirror = engine.runner.mirror
+            assert mirror is not None
+            mirror.shrink_after = 2
+
+            async def long_request() -> None:
+                sampling = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+                prompt = [0, *range(3, 122)]  # 120 tokens: with 4 more, 8 blocks of 16
+                async for _ in engine.submit(GenerationRequest(uuid.uuid4().hex, sampling, prompt=prompt)):
+                    pass
+
+            asyncio.run(long_request())
+            wide = mirror.shape[1]
+            assert wide == 128
+            assert_served_in_every_order(engine, want_base, want_adapter)
+            assert 0 < mirror.shape[1] < wide  # dropped, and grown again to the short rows
