@@ -42,7 +42,7 @@ from server.runtime.decode_attention import DecodeAttention, choose_kernel
 from server.runtime.decode_mirror import MIRROR_SHARE, DecodeMirror
 from server.runtime.kv_cache import KVGeometry, PagedKVCache, PagedPlacement
 from server.runtime.packing import MIXED, Lane, PackedStep, attention_size, pack_lanes
-from server.runtime.prepack import CpuPrepack, prepack
+from server.runtime.prepack import CpuPrepack, multiply_dtype, prepack
 from server.runtime.sampler import LogprobsMode, Sampler, SamplerOutput, position_logprobs
 from server.runtime.slot_lora import SlotLoRA
 from server.runtime.token_bitmask import fill_token_bitmask
@@ -517,9 +517,10 @@ class ModelRunner:
                 num_slots=self.store.max_gpu_adapters,
                 r_max=max_lora_rank,
                 # float32 slots on the CPU, for decode steps of few rows; wider forwards in the model's
-                # dtype (server/runtime/slot_lora.py, SMALL_FORWARD_TOKENS). The slots hold 2x the bytes.
+                # dtype (server/runtime/slot_lora.py, SMALL_FORWARD_TOKENS), or in float32 where the CPU
+                # has no bf16 kernels (server/runtime/prepack.py). The slots hold 2x the bytes.
                 dtype=torch.float32 if self.device.type == "cpu" else self.dtype,
-                wide_dtype=self.dtype,
+                wide_dtype=multiply_dtype(self.dtype) if self.device.type == "cpu" else self.dtype,
                 device=self.device,
             )
             self.slot_lora.enabled = True

@@ -15,6 +15,14 @@ packed copy skips both:
   not depend on the row count (MKL's sgemm gave row 0 other values at every count from 5 rows up there). ``auto`` packs
   float32 only where it pays, timed at load on the model's largest linear (``float32_gain``), and only
   for linears big enough to time (``FLOAT32_MIN_WEIGHT``).
+- bf16 where oneDNN has no bf16 kernels (AVX2 CPUs such as the AMD EPYC Zen 3): torch's own bf16 GEMM there
+  is slow, 4.7x the time of a float32 GEMM for 16 rows through the 193M Llama's 3840 x 1024 layer and 6.7x
+  for 512 rows (2 cores, torch 2.13). Such a linear is *widened*: a float32 copy of its weight is packed,
+  and the call multiplies the input in float32 and rounds the output back to bf16. The weight and input are
+  exactly their bf16 values, so this is a bf16 GEMM with float32 accumulation, as torch's own is, in
+  another accumulation order: outputs within a bf16 rounding step of ``F.linear``'s, the same for a row
+  alone and among others. It costs twice the bf16 weights' bytes; ``auto`` widens where it times
+  ``FLOAT32_MIN_GAIN`` faster (``widen_gain``).
 
 The packed copy sits beside the weight (the weight stays: PEFT reads its dtype and device, a tied embedding
 reads its values), so packing costs the linear weights' bytes once more; ``auto`` packs only while that
@@ -30,6 +38,7 @@ import logging
 import time
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +56,18 @@ FLOAT32_MIN_GAIN = 1.25  # auto: float32 is packed where F.linear takes this muc
 TIMING_REPEATS = 5  # auto's timing: the fastest of this many calls of each
 
 
+@dataclass(slots=True, frozen=True)
+class PackedWeight:
+    """What a packed linear keeps beside its weight: oneDNN's copy, the ``data_ptr`` of the weight it was
+    made from (another one means the weight was replaced), and for a widened bf16 linear its float32 bias
+    (``widened``: the copy is float32 and the output is rounded back to the module's dtype)."""
+
+    weight: torch.Tensor
+    data_ptr: int
+    widened: bool = False
+    bias: torch.Tensor | None = None
+
+
 def supported(device: torch.device) -> bool:
     """oneDNN with bf16 kernels (AVX512-BF16 or AMX; emulated on AVX512 alone) on this CPU."""
     return (
@@ -54,6 +75,15 @@ def supported(device: torch.device) -> bool:
         and torch.backends.mkldnn.is_available()
         and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     )
+
+
+def multiply_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a CPU matmul over ``dtype`` operands runs fastest in: float32 for bf16 where oneDNN has no
+    bf16 kernels (torch's own bf16 ``addmm`` there took 16x float32's time for slot LoRA's 16-row update
+    through 64 slot ranks into 3840 outputs on a 2-core Zen 3), else ``dtype`` itself."""
+    if dtype == torch.bfloat16 and not supported(torch.device("cpu")):
+        return torch.float32
+    return dtype
 
 
 def packable(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> list[torch.nn.Linear]:
@@ -70,6 +100,7 @@ def packable(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> lis
 
 
 _gains: dict[tuple[int, int], float] = {}  # auto's float32 timings by weight shape, once per process
+_widen_gains: dict[tuple[int, int], float] = {}  # and its widened bf16 ones
 
 
 def float32_gain(weight: torch.Tensor) -> float:
@@ -84,6 +115,19 @@ def float32_gain(weight: torch.Tensor) -> float:
         onednn = fastest(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
         _gains[shape] = plain / onednn
     return _gains[shape]
+
+
+def widen_gain(weight: torch.Tensor) -> float:
+    """How many times longer a bf16 ``F.linear`` takes than the widened call (float32 packed, the input and
+    output converted) on ``PACK_BATCH_HINT`` rows through a weight of this shape (once per shape)."""
+    shape = (int(weight.shape[0]), int(weight.shape[1]))
+    if shape not in _widen_gains:
+        w = torch.randn(shape)
+        x = torch.randn(PACK_BATCH_HINT, shape[1]).bfloat16()
+        packed = PackedWeight(torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT), 0, widened=True)
+        w16 = w.bfloat16()
+        _widen_gains[shape] = fastest(lambda: F.linear(x, w16)) / fastest(lambda: _run(packed, x, None))
+    return _widen_gains[shape]
 
 
 def fastest(call: Callable[[], object]) -> float:
@@ -120,16 +164,39 @@ def _float32_linears(model: torch.nn.Module, mode: CpuPrepack) -> list[torch.nn.
     return linears if gain >= FLOAT32_MIN_GAIN else []
 
 
+def _widened_linears(model: torch.nn.Module, mode: CpuPrepack) -> list[torch.nn.Linear]:
+    """The bf16 linears to widen where oneDNN has no bf16 kernels: all with ``on``; with ``auto``, all where
+    the largest times ``FLOAT32_MIN_GAIN`` faster widened."""
+    if not torch.backends.mkldnn.is_available() or supported(torch.device("cpu")):
+        return []
+    linears = packable(model)
+    if mode == "on" or not linears:
+        return linears
+    largest = max(linears, key=lambda m: m.weight.numel()).weight
+    gain = widen_gain(largest)
+    log.info(
+        "bf16 linear %s without oneDNN bf16 kernels: F.linear takes %.2fx the float32 packed call on %d "
+        "rows (widening from %.2fx)",
+        tuple(largest.shape),
+        gain,
+        PACK_BATCH_HINT,
+        FLOAT32_MIN_GAIN,
+    )
+    return linears if gain >= FLOAT32_MIN_GAIN else []
+
+
 def prepack(model: torch.nn.Module, mode: CpuPrepack = "auto") -> int:
-    """Pack ``model``'s bf16 linears, and its float32 ones where that pays (see the module docstring);
-    returns how many were packed."""
+    """Pack ``model``'s bf16 linears (widened where oneDNN has no bf16 kernels), and its float32 ones, where
+    that pays (see the module docstring); returns how many were packed."""
     if mode == "off":
         return 0
     linears = packable(model) if supported(torch.device("cpu")) else []  # CPU weights only
-    linears += _float32_linears(model, mode)
+    widened = _widened_linears(model, mode)
+    linears += widened + _float32_linears(model, mode)
     if not linears:
         return 0
-    extra = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    # a widened linear's copy is float32: twice its bf16 weight's bytes
+    extra = sum(m.weight.numel() * (4 if m in widened else m.weight.element_size()) for m in linears)
     available = available_memory()
     if mode == "auto" and available is not None and extra > AUTO_MEMORY_SHARE * available:
         log.info(
@@ -143,19 +210,37 @@ def prepack(model: torch.nn.Module, mode: CpuPrepack = "auto") -> int:
     with torch.inference_mode():
         for module in linears:
             weight = module.weight.detach()
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
-            setattr(module, PACKED, (packed, weight.data_ptr()))
+            wide = module in widened
+            bias = None if module.bias is None or not wide else module.bias.detach().float()
+            copy = torch.ops.mkldnn._reorder_linear_weight(
+                weight.float() if wide else weight, PACK_BATCH_HINT
+            )
+            setattr(module, PACKED, PackedWeight(copy, weight.data_ptr(), widened=wide, bias=bias))
             module.forward = types.MethodType(_packed_forward, module)  # type: ignore[method-assign]
     dtypes = sorted({str(m.weight.dtype).removeprefix("torch.") for m in linears})
-    log.info("prepacked %d %s linears for oneDNN (%.0f MiB)", len(linears), "/".join(dtypes), extra / 2**20)
+    log.info(
+        "prepacked %d %s linears for oneDNN (%.0f MiB)%s",
+        len(linears),
+        "/".join(dtypes),
+        extra / 2**20,
+        f", {len(widened)} bf16 widened to float32" if widened else "",
+    )
     return len(linears)
 
 
 def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    packed, data_ptr = getattr(self, PACKED)
-    if x.dtype != self.weight.dtype or self.weight.data_ptr() != data_ptr or torch.is_grad_enabled():
+    packed: PackedWeight = getattr(self, PACKED)
+    if x.dtype != self.weight.dtype or self.weight.data_ptr() != packed.data_ptr or torch.is_grad_enabled():
         return F.linear(x, self.weight, self.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+    return _run(packed, x, self.bias)
+
+
+def _run(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` through ``packed``: a widened one in float32, rounded back to ``x``'s dtype."""
+    if packed.widened:
+        out = torch.ops.mkldnn._linear_pointwise(x.float(), packed.weight, packed.bias, "none", [], "")
+        return out.to(x.dtype)
+    return torch.ops.mkldnn._linear_pointwise(x, packed.weight, bias, "none", [], "")
 
 
 def available_memory() -> int | None:

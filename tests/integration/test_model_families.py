@@ -294,6 +294,35 @@ def test_bf16_prepacked_linears_serve_the_tokens_of_plain_ones(families) -> None
 
 
 @pytest.mark.slow
+def test_widened_bf16_linears_serve_the_tokens_of_plain_ones(families, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """bf16 where oneDNN has no bf16 kernels (injected on any CPU; real on AVX2 CPUs such as the Zen 3): the
+    runner widens the base's linears to float32 copies, and slot LoRA's wide forwards multiply in float32
+    too. Within a bf16 rounding step of ``F.linear``, not bit-identical, so against the same engine with
+    packing off (torch's own bf16 GEMM) on this family's peaked logits: the base and the adapter, alone and
+    batched."""
+    from server.runtime import prepack
+
+    monkeypatch.setattr(prepack, "supported", lambda device: False)
+    base, adapter = families["llama"]
+    tokens: dict[str, list[list[list[int]]]] = {}
+    with one_torch_thread():
+        for mode in ("off", "on"):
+            with started(base, adapter, quantization="none", dtype="bfloat16", cpu_prepack=mode) as engine:
+                runner = engine.runner
+                linears = [getattr(m, prepack.PACKED, None) for m in runner.base_model.modules()]
+                assert any(p is not None and p.widened for p in linears) == (mode == "on")
+                assert runner.slot_lora is not None and runner.slot_lora.wide_dtype == torch.float32
+                tokens[mode] = [
+                    served(engine, None),
+                    served(engine, "tenant"),
+                    served(engine, "tenant", beside=(None,)),
+                    served(engine, None, beside=("tenant",)),
+                ]
+    assert tokens["on"] == tokens["off"]
+    assert tokens["on"][0] != tokens["on"][1]  # the adapter changes the tokens: its rows really ran
+
+
+@pytest.mark.slow
 def test_float32_prepacked_linears_serve_the_tokens_of_a_fresh_model(families) -> None:  # type: ignore[no-untyped-def]
     """float32 without quantization, packed for oneDNN (``--cpu-prepack on``; ``auto`` leaves models this
     small on ``F.linear``): not bit-identical to ``F.linear``, so the tokens are checked against a fresh
