@@ -152,7 +152,10 @@ def test_bf16_without_kernels_is_widened_to_float32_within_a_rounding_step() -> 
             # a float32 GEMM of the bf16 values, rounded once: within one bf16 step of the exact product
             exact = F.linear(x.float(), module.weight.float())
             torch.testing.assert_close(got.float(), exact, rtol=2**-8, atol=1e-6)
-            assert torch.equal(module(x[:1]), got[:1])  # a row alone is that row among 16
+            assert torch.equal(module(x[:2])[:1], got[:1])  # a row among 2 is that row among 16
+            # one token alone runs on the bf16 weight (torch's own GEMM): within the same rounding step
+            assert torch.equal(module(x[:1]), F.linear(x[:1], module.weight))
+            torch.testing.assert_close(module(x[:1]).float(), exact[:1], rtol=2**-8, atol=1e-6)
     torch.testing.assert_close(logits(model, 16), want, rtol=0.05, atol=0.05)  # bf16's own tolerance
 
 
