@@ -129,6 +129,8 @@ class ModelRunner:
         self.kv = PagedKVCache(
             geometry=geometry, num_blocks=num_blocks, block_size=block_size, device=self.device
         )
+        # decode rows' keys in the dtype the CPU multiplies fastest (float32 for bf16 without bf16 kernels)
+        mirror_dtype = multiply_dtype(self.dtype) if self.device.type == "cpu" else self.dtype
         # how decode rows attend in packed forwards (server/runtime/decode_attention.py): timed at load
         self.decode_kernel = choose_kernel(
             decode_attention,
@@ -136,7 +138,7 @@ class ModelRunner:
             num_heads=num_heads,
             num_kv_heads=geometry.num_kv_heads,
             head_dim=head_dim,
-            dtype=self.dtype,
+            dtype=mirror_dtype,
             rows=num_slots,
             width=max_model_len,
         )
@@ -150,6 +152,7 @@ class ModelRunner:
                 max_rows=num_slots,
                 max_width=max_model_len,
                 whole_rows=self.decode_kernel == "matmul",
+                dtype=mirror_dtype,
             )
             if self.device.type == "cpu"
             else None

@@ -187,8 +187,11 @@ def varlen_attention(
             new_k = key[varlen.single_lanes, :, varlen.single_columns]  # [R, Hkv, D]
             new_v = value[varlen.single_lanes, :, varlen.single_columns]
             k, v = step.keys_values(layer, new_k, new_v)
-            q, mask = step.scatter_queries(q), step.mask(sliding_window)
+            # the mirror may be wider than the model's dtype (float32 for bf16 where the CPU has no bf16
+            # kernels): the query is widened and the output rounded back
+            q, mask = step.scatter_queries(q).to(k.dtype), step.mask(sliding_window)
             res = attend(varlen.kernel, module, q, k, v, mask, scaling).index_select(0, step.slots)
+            res = res.to(query.dtype)
         out[varlen.single_lanes, varlen.single_columns] = res[:, 0]
     for index, chunk in enumerate(varlen.chunks):
         lane, cols = chunk.lane, slice(chunk.column, chunk.column + chunk.length)

@@ -296,10 +296,10 @@ def test_bf16_prepacked_linears_serve_the_tokens_of_plain_ones(families) -> None
 @pytest.mark.slow
 def test_widened_bf16_linears_serve_the_tokens_of_plain_ones(families, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """bf16 where oneDNN has no bf16 kernels (injected on any CPU; real on AVX2 CPUs such as the Zen 3): the
-    runner widens the base's linears to float32 copies, and slot LoRA's wide forwards multiply in float32
-    too. Within a bf16 rounding step of ``F.linear``, not bit-identical, so against the same engine with
-    packing off (torch's own bf16 GEMM) on this family's peaked logits: the base and the adapter, alone and
-    batched."""
+    runner widens the base's linears to float32 copies (packing on), and slot LoRA's wide forwards and the
+    decode mirror's attention run in float32 (either way). Within a bf16 rounding step of torch's own bf16
+    ops, not bit-identical, so against the same engine with packing off on this family's peaked logits: the
+    base and the adapter, alone and batched."""
     from server.runtime import prepack
 
     monkeypatch.setattr(prepack, "supported", lambda device: False)
@@ -312,6 +312,7 @@ def test_widened_bf16_linears_serve_the_tokens_of_plain_ones(families, monkeypat
                 linears = [getattr(m, prepack.PACKED, None) for m in runner.base_model.modules()]
                 assert any(p is not None and p.widened for p in linears) == (mode == "on")
                 assert runner.slot_lora is not None and runner.slot_lora.wide_dtype == torch.float32
+                assert runner.mirror is not None and runner.mirror.dtype == torch.float32
                 tokens[mode] = [
                     served(engine, None),
                     served(engine, "tenant"),

@@ -28,10 +28,13 @@ class Decoder:
     """Sequences decoding one token a step through varlen attention, each with the true keys and values
     of all its tokens (what the pool holds for the tokens it has seen)."""
 
-    def __init__(self, mirror: DecodeMirror | None, kernel: Kernel = "sdpa") -> None:
+    def __init__(
+        self, mirror: DecodeMirror | None, kernel: Kernel = "sdpa", geometry: KVGeometry = GEOMETRY
+    ) -> None:
         self.kv = PagedKVCache(
-            geometry=GEOMETRY, num_blocks=NUM_BLOCKS, block_size=BS, device=torch.device("cpu")
+            geometry=geometry, num_blocks=NUM_BLOCKS, block_size=BS, device=torch.device("cpu")
         )
+        self.dtype = geometry.dtype  # of the pool and the queries; the truth kept here is float32
         self.mirror = mirror
         self.kernel: Kernel = kernel
         self.keys: dict[str, torch.Tensor] = {}
@@ -44,8 +47,8 @@ class Decoder:
         s.request_id = request_id or f"s{slot}-{self._next_block}"
         s.slot = slot
         self._grow(s)
-        self.keys[s.request_id] = torch.randn(HKV, prompt, D)
-        self.values[s.request_id] = torch.randn(HKV, prompt, D)
+        self.keys[s.request_id] = self._random(prompt)
+        self.values[s.request_id] = self._random(prompt)
         self._write(s, range(prompt))
         return s
 
@@ -53,27 +56,31 @@ class Decoder:
         """One decode forward over ``seqs`` (one lane); checks each row against attention by hand, then
         moves every sequence on by its token."""
         for s in seqs:
-            self.keys[s.request_id] = torch.cat([self.keys[s.request_id], torch.randn(HKV, 1, D)], 1)
-            self.values[s.request_id] = torch.cat([self.values[s.request_id], torch.randn(HKV, 1, D)], 1)
+            self.keys[s.request_id] = torch.cat([self.keys[s.request_id], self._random(1)], 1)
+            self.values[s.request_id] = torch.cat([self.values[s.request_id], self._random(1)], 1)
         batch = Batch(seqs=seqs, num_new_tokens=[1] * len(seqs))
         lanes = [Lane("x", list(range(len(seqs))))]
         packed = pack_lanes(lanes, batch, self.kv)
-        query = torch.randn(1, HQ, len(seqs), D)
-        new_k = torch.stack([self.keys[s.request_id][:, -1] for s in seqs], 1)[None]
-        new_v = torch.stack([self.values[s.request_id][:, -1] for s in seqs], 1)[None]
+        query = torch.randn(1, HQ, len(seqs), D).to(self.dtype)
+        new_k = torch.stack([self.keys[s.request_id][:, -1] for s in seqs], 1)[None].to(self.dtype)
+        new_v = torch.stack([self.values[s.request_id][:, -1] for s in seqs], 1)[None].to(self.dtype)
         self.kv.placement = PagedPlacement(write_slots=packed.write_slots, read_blocks=None)
         k_states, v_states = self.kv.update(new_k, new_v, 0)
         self.segments = varlen_segments(packed, lanes, batch, self.kv, self.mirror, self.kernel)
         out = attend(query, k_states, v_states, self.segments, window)
         for column, s in enumerate(seqs):
             expected = by_hand(
-                query[0, :, column : column + 1],
+                query[0, :, column : column + 1].float(),
                 self.keys[s.request_id],
                 self.values[s.request_id],
                 s.num_cached,
                 window,
             )
-            torch.testing.assert_close(out[0, column : column + 1], expected, msg=s.request_id)
+            got = out[0, column : column + 1]
+            assert got.dtype == self.dtype
+            # float32 attention over the pool's values, rounded once to the pool's dtype
+            tolerance = {} if self.dtype == torch.float32 else {"rtol": 2**-8, "atol": 1e-3}
+            torch.testing.assert_close(got.float(), expected, msg=s.request_id, **tolerance)
         for s in seqs:
             s.num_cached += 1
             s.token_ids.append(7)
@@ -89,8 +96,12 @@ class Decoder:
     def overwrite_blocks(self, s: Sequence) -> None:
         """Scribble over the pool's copy of ``s``'s past tokens (not over the truth kept here)."""
         slots = self._slots(s, range(s.num_cached))
-        self.kv.keys[0][:, slots] = torch.randn(HKV, len(slots), D)
-        self.kv.values[0][:, slots] = torch.randn(HKV, len(slots), D)
+        self.kv.keys[0][:, slots] = torch.randn(HKV, len(slots), D).to(self.dtype)
+        self.kv.values[0][:, slots] = torch.randn(HKV, len(slots), D).to(self.dtype)
+
+    def _random(self, tokens: int) -> torch.Tensor:
+        """Keys or values of ``tokens`` tokens, as the pool holds them (rounded to its dtype), in float32."""
+        return torch.randn(HKV, tokens, D).to(self.dtype).float()
 
     def _grow(self, s: Sequence) -> None:
         while len(s.block_table) * BS < s.num_cached + 1:
@@ -103,15 +114,22 @@ class Decoder:
 
     def _write(self, s: Sequence, tokens: range) -> None:
         slots = self._slots(s, tokens)
-        self.kv.keys[0][:, slots] = self.keys[s.request_id][:, tokens.start : tokens.stop]
-        self.kv.values[0][:, slots] = self.values[s.request_id][:, tokens.start : tokens.stop]
+        self.kv.keys[0][:, slots] = self.keys[s.request_id][:, tokens.start : tokens.stop].to(self.dtype)
+        self.kv.values[0][:, slots] = self.values[s.request_id][:, tokens.start : tokens.stop].to(self.dtype)
 
 
 def mirror(
-    max_bytes: int = 1 << 30, max_rows: int = 8, *, whole_rows: bool = False, shrink_after: int = 1000
+    max_bytes: int = 1 << 30,
+    max_rows: int = 8,
+    *,
+    whole_rows: bool = False,
+    shrink_after: int = 1000,
+    geometry: KVGeometry = GEOMETRY,
+    dtype: torch.dtype | None = None,
 ) -> DecodeMirror:
     return DecodeMirror(
-        geometry=GEOMETRY,
+        geometry=geometry,
+        dtype=dtype,
         block_size=BS,
         device=torch.device("cpu"),
         max_bytes=max_bytes,
@@ -136,6 +154,24 @@ def test_rows_fill_once_then_read_the_mirror(window: int | None, kernel: Kernel)
     d.overwrite_blocks(a)  # what a reads now comes from the mirror
     d.step([a, b], window)
     assert d.filled == []
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_a_float32_mirror_over_a_bf16_pool_attends_in_float32(kernel: Kernel) -> None:
+    """What the runner keeps where the CPU has no bf16 kernels: the rows filled from bf16 blocks and the new
+    bf16 tokens are held widened, the bf16 queries attend in float32, the output is rounded back once."""
+    torch.manual_seed(2)
+    bf16 = KVGeometry(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=torch.bfloat16)
+    m = mirror(whole_rows=kernel == "matmul", geometry=bf16, dtype=torch.float32)
+    d = Decoder(m, kernel, geometry=bf16)
+    a, b = d.add(5, slot=0), d.add(9, slot=2)
+    d.step([a, b])
+    assert sorted(d.filled) == [0, 2] and m.keys[0].dtype == torch.float32
+    for _ in range(3):
+        d.step([b, a])
+        assert d.filled == []
+    rows, width = m.shape
+    assert m.nbytes == rows * width * bf16.bytes_per_token * 2  # a float32 token: twice a bf16 one
 
 
 def test_a_new_owner_or_a_preemption_fills_the_row_from_the_blocks() -> None:
