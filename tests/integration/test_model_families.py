@@ -167,6 +167,17 @@ def served(engine: AsyncEngine, adapter: str | None, beside: tuple[str | None, .
     return asyncio.run(together() if beside else alone())
 
 
+def served_in_every_order(engine: AsyncEngine) -> list[list[list[int]]]:
+    """The tokens of the base alone, the adapter ``tenant`` alone, the adapter batched with the base and
+    the base batched with the adapter: for comparing two engines with each other."""
+    return [
+        served(engine, None),
+        served(engine, "tenant"),
+        served(engine, "tenant", beside=(None,)),
+        served(engine, None, beside=("tenant",)),
+    ]
+
+
 def assert_served_in_every_order(
     engine: AsyncEngine, want_base: list[list[int]], want_adapter: list[list[int]]
 ) -> None:
@@ -283,12 +294,7 @@ def test_bf16_prepacked_linears_serve_the_tokens_of_plain_ones(families) -> None
             with started(base, adapter, quantization="none", dtype="bfloat16", cpu_prepack=mode) as engine:
                 model = engine.runner.base_model
                 assert any(hasattr(m, PACKED) for m in model.modules()) == (mode == "on")
-                tokens[mode] = [
-                    served(engine, None),
-                    served(engine, "tenant"),
-                    served(engine, "tenant", beside=(None,)),
-                    served(engine, None, beside=("tenant",)),
-                ]
+                tokens[mode] = served_in_every_order(engine)
     assert tokens["on"] == tokens["off"]
     assert tokens["on"][0] != tokens["on"][1]  # the adapter changes the tokens: its rows really ran
 
@@ -313,12 +319,7 @@ def test_widened_bf16_linears_serve_the_tokens_of_plain_ones(families, monkeypat
                 assert any(p is not None and p.widened for p in linears) == (mode == "on")
                 assert runner.slot_lora is not None and runner.slot_lora.wide_dtype == torch.float32
                 assert runner.mirror is not None and runner.mirror.dtype == torch.float32
-                tokens[mode] = [
-                    served(engine, None),
-                    served(engine, "tenant"),
-                    served(engine, "tenant", beside=(None,)),
-                    served(engine, None, beside=("tenant",)),
-                ]
+                tokens[mode] = served_in_every_order(engine)
     assert tokens["on"] == tokens["off"]
     assert tokens["on"][0] != tokens["on"][1]  # the adapter changes the tokens: its rows really ran
 
