@@ -560,11 +560,18 @@ def test_a_long_prompt_bypassed_for_max_bypasses_steps_goes_first() -> None:
         t += 1.0
         assert prefill_rows(step(s)) == [short]  # every step a later, shorter prompt goes first
         s.finish(short, FinishReason.STOP)
-    s.add(seq(4, t=t))
-    assert prefill_rows(step(s)) == [long]
-    for _ in range(9):  # 40 tokens, 4 a step
-        s.add(seq(4, t=t + 1))
+    # from now on long goes first every other step, until its prompt is done; the shorter, later prompts
+    # that keep arriving get the steps between (none waits behind all of long's 40 tokens, 4 a step)
+    served = []
+    while long.in_prefill:
+        s.add(seq(4, t=t))
         t += 1.0
-        assert prefill_rows(step(s)) == [long]  # first until its prompt is done
-    assert not long.in_prefill
+        rows = prefill_rows(step(s))
+        assert len(rows) == 1
+        served.append(rows[0])
+        if rows[0] is not long:
+            s.finish(rows[0], FinishReason.STOP)
+        assert len(served) <= 20
+    assert served.count(long) == 10 and len(served) >= 18  # short ones in the steps between
+    assert all(long in served[i : i + 2] for i in range(0, len(served) - 1))  # never two steps without it
     assert len(prefill_rows(step(s))) == 1 and s._bypassed == {}  # a short one again; nobody starved
