@@ -21,7 +21,7 @@ packed copy skips both:
   and the call multiplies the input in float32 and rounds the output back to bf16. The weight and input are
   exactly their bf16 values, so this is a bf16 GEMM with float32 accumulation, as torch's own is, in
   another accumulation order: outputs within a bf16 rounding step of ``F.linear``'s, the same for a row
-  alone and among others. It costs twice the bf16 weights' bytes; ``auto`` widens where it times
+  among a few others or among many. It costs twice the bf16 weights' bytes; ``auto`` widens where it times
   ``FLOAT32_MIN_GAIN`` faster (``widen_gain``). A call of one token stays on the bf16 weight: it reads
   every weight once, and reading the float32 copy's twice the bytes from memory costs more than the bf16
   arithmetic (the 84 linears of that Llama, weights cold, on the Zen 3: 22.6 ms in bf16 against 31.7 ms
