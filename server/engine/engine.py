@@ -68,7 +68,7 @@ class EngineConfig:
     # whole budget; see server.engine.scheduler)
     prefill_beside_decode: int | None = None
     # set: the allowance is measured (server.engine.step_cost): as many prompt tokens as keep a step within
-    # this many decode steps, never fewer than prefill_beside_decode
+    # this many decode steps of the same decode rows, never fewer than the cap above
     prefill_step_ratio: float | None = None
 
 
@@ -175,6 +175,7 @@ class AsyncEngine:
                 ceiling=config.max_num_batched_tokens,
                 ratio=config.prefill_step_ratio,
             )
+            self.scheduler.prompt_cap = self.step_cost.allowance
         self._cv = threading.Condition()
         self._inbox: list[Sequence] = []
         self._aborts: list[tuple[str, str]] = []
@@ -495,11 +496,9 @@ class AsyncEngine:
         return progressed
 
     def _measure(self, batch: Batch, seconds: float) -> None:
-        """Feed a step's cost to ``step_cost`` and give the scheduler the allowance it now makes."""
-        if self.step_cost is None:
-            return
-        self.step_cost.observe(batch.num_decode_rows, batch.num_prefill_tokens, seconds)
-        self.scheduler.prefill_beside_decode = self.step_cost.beside()
+        """Feed a step's cost to ``step_cost`` (the scheduler asks it for the next step's allowance)."""
+        if self.step_cost is not None:
+            self.step_cost.observe(batch.num_decode_rows, batch.num_prefill_tokens, seconds)
 
     def _fail_all(self, error: EngineError) -> None:
         """After an unexpected failure outside a step: end every live request with ``error`` (the

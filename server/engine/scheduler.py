@@ -4,11 +4,11 @@ Every step shares one token budget (``max_num_batched_tokens``) between decode r
 decode rows first: each running sequence past its prompt computes one token, then prompt chunks, of
 sequences still in their prompt and of waiting ones admitted with a first chunk (in the order below),
 while budget, slots and KV blocks last. So a long prompt never holds running streams up for more than one
-budgeted step. While decode rows run, prompt chunks also stay under ``prefill_beside_decode`` tokens plus
-one per decode row, so a step with prompt tokens holds the decoding streams up for a bounded time and inter-token latency
-stays near its median while new prompts arrive; the price is slower admission under a burst of long
-prompts. On the CPU the engine sets it between steps from what steps cost (``server.engine.step_cost``).
-Alone (no decode rows) a prompt takes the whole budget.
+budgeted step. While decode rows run, prompt chunks also stay under ``prompt_cap(decode rows)`` tokens
+(by default ``prefill_beside_decode`` plus one per decode row), so a step with prompt tokens holds the
+decoding streams up for a bounded time and inter-token latency stays near its median while new prompts
+arrive; the price is slower admission under a burst of long prompts. On the CPU the engine replaces it
+with what steps cost (``server.engine.step_cost``). Alone (no decode rows) a prompt takes the whole budget.
 
 KV memory is paged (``BlockManager``): admission takes the longest cached prefix of the prompt (full
 blocks under the same adapter version) and blocks for its first chunk; a decode row that needs a new block
@@ -101,8 +101,9 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, acquire: AcquireFn, release: ReleaseFn) -> None:
         self.config = config
-        # the engine may change it between steps (``server.engine.step_cost``)
-        self.prefill_beside_decode = config.prefill_beside_decode
+        # prompt tokens a step with this many decode rows may take (None: the whole budget); the engine
+        # may replace it with a measured one (``server.engine.step_cost``)
+        self.prompt_cap: Callable[[int], int | None] = self._fixed_cap
         self._acquire = acquire
         self._release = release
         self.waiting: list[Sequence] = []
@@ -119,6 +120,11 @@ class Scheduler:
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.num_preemptions = 0
+
+    def _fixed_cap(self, decode_rows: int) -> int | None:
+        """``prefill_beside_decode`` tokens plus one per decode row (None: no cap)."""
+        beside = self.config.prefill_beside_decode
+        return None if beside is None else decode_rows + beside
 
     # ------------------------------------------------------------------------------------ queries
 
@@ -218,8 +224,8 @@ class Scheduler:
             rows.append(seq)
             sizes.append(1)
             budget -= 1
-        beside = self.prefill_beside_decode
-        cap = budget if not rows or beside is None else min(budget, len(rows) + beside)
+        allowed = self.prompt_cap(len(rows)) if rows else None
+        cap = budget if allowed is None else min(budget, allowed)
         admission = _Admission(self.running_adapters())
         self._deferred = set()
         self._starved_step = not self._starved_step

@@ -289,10 +289,11 @@ class RecordedStepCost(StepCost):
 
 def test_on_the_cpu_every_step_feeds_the_measured_cap_the_next_step_keeps(engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Step counts and compositions, not times: every step is observed once with its decode rows and
-    prompt tokens, the scheduler takes the allowance that leaves, and each step's prompt tokens beside
-    decode rows stay within the allowance it was scheduled under (plus one per row)."""
+    prompt tokens, the scheduler asks the fit for each step's allowance, and each step's prompt tokens
+    beside decode rows stay within the allowance for its decode rows."""
     default = engine.step_cost
     assert default is not None  # the default on the CPU
+    assert engine.scheduler.prompt_cap == default.allowance
     cost = RecordedStepCost(default.floor, default.ceiling, default.ratio)
     steps: list[tuple[int, int, int]] = []  # decode rows, prompt tokens, allowance in force
     real_step = engine.runner.step
@@ -300,11 +301,12 @@ def test_on_the_cpu_every_step_feeds_the_measured_cap_the_next_step_keeps(engine
     def step(batch):  # type: ignore[no-untyped-def]
         rows = sum(1 for i in range(len(batch)) if not batch.is_prefill(i))
         prompt = sum(n for i, n in enumerate(batch.num_new_tokens) if batch.is_prefill(i))
-        steps.append((rows, prompt, engine.scheduler.prefill_beside_decode))
+        steps.append((rows, prompt, cost.allowance(rows)))
         return real_step(batch)
 
     monkeypatch.setattr(engine.runner, "step", step)
     monkeypatch.setattr(engine, "step_cost", cost)
+    monkeypatch.setattr(engine.scheduler, "prompt_cap", cost.allowance)
 
     async def main() -> None:
         counts = [0, 0, 0]
@@ -326,6 +328,6 @@ def test_on_the_cpu_every_step_feeds_the_measured_cap_the_next_step_keeps(engine
     assert any(rows and prompt for rows, prompt, _ in steps), "no step had a prompt chunk beside decode rows"
     for rows, prompt, allowance in steps:
         if rows:
-            assert prompt <= rows + allowance, (rows, prompt, allowance)
-    assert cost.decode_s is not None and cost.token_s is not None  # both measured
-    assert engine.scheduler.prefill_beside_decode == cost.beside() >= 16
+            assert prompt <= allowance, (rows, prompt, allowance)
+    assert cost.decode_s(1) is not None and cost.token_s is not None  # both measured
+    assert cost.allowance(1) >= cost.floor + 1 == 16 + 1

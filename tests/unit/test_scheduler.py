@@ -475,6 +475,28 @@ def test_the_cap_grows_with_the_decode_rows_and_never_past_the_budget() -> None:
     assert late.num_cached == 6
 
 
+def test_a_measured_cap_is_asked_with_the_steps_decode_rows_and_bounds_its_prompt_tokens_in_all() -> None:
+    """The engine's measured allowance (``StepCost.allowance``) replaces the fixed cap: asked with the
+    decode rows the step has, its answer bounds the step's prompt tokens in all (no one per row on top)."""
+    s, _ = make(slots=16, budget=64, beside=100)
+    asked: list[int] = []
+
+    def cap(decode_rows: int) -> int:
+        asked.append(decode_rows)
+        return 3 * decode_rows
+
+    s.prompt_cap = cap
+    running = [seq(1) for _ in range(4)]
+    for q in running:
+        s.add(q)
+    first = step(s)
+    assert first is not None and first.num_new_tokens == [1] * 4 and asked == []  # alone: not asked
+    s.add(late := seq(40))
+    batch = step(s)
+    assert batch is not None and batch.num_new_tokens == [1] * 4 + [12] and asked == [4]
+    assert late.num_cached == 12
+
+
 def test_a_prompt_logprobs_request_is_not_held_behind_the_cap() -> None:
     s, _ = make(slots=8, budget=64, beside=0)
     s.add(seq(3))
