@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,20 @@ def _one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_as_it_was() -> Iterator[None]:
+    """A test that runs ``server.cli.main`` in-process sets the root logger's handler to the stderr of that
+    moment, which is the test's capture; engine threads of later tests then logged into the closed capture
+    ("--- Logging error ---"). Each test leaves the root logger, and the warnings it captures, as it was."""
+    root = logging.getLogger()
+    handlers, level, showwarning = root.handlers[:], root.level, warnings.showwarning
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    if warnings.showwarning is not showwarning:  # main's logging.captureWarnings(True)
+        logging.captureWarnings(False)
 
 
 @pytest.fixture(scope="session")
