@@ -71,11 +71,32 @@ class VarlenSegments:
     chunks: list[Chunk]
     mirror: MirrorStep | None = None
     kernel: Kernel = "sdpa"
+    # where the one-token segments lie as a plain slice of the forward (``singles_slice``), or None
+    single_slice: tuple[slice, int] | tuple[int, slice] | None = None
     _masks: dict[tuple[int, int | None], torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_singles(self) -> int:
         return int(self.single_lanes.shape[0])
+
+    def singles(self, states: torch.Tensor) -> torch.Tensor:
+        """The one-token segments' rows of ``states`` [B, H, S, D] -> [R, H, D]: a view where they lie as a
+        slice (a step of decode rows alone: lanes ``0 .. R`` at column 0; or one lane's columns), else a
+        gather (on the CPU, indexing two dimensions copies element by element: several times a strided
+        view's cost, four times a layer)."""
+        where = self.single_slice
+        if where is None:
+            return states[self.single_lanes, :, self.single_columns]
+        lane, columns = where
+        picked = states[lane, :, columns]
+        return picked if isinstance(lane, slice) else picked.transpose(0, 1)
+
+    def place_singles(self, out: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write the one-token segments' attention ``rows`` [R, H, D] into ``out`` [B, S, H, D]."""
+        if self.single_slice is None:
+            out[self.single_lanes, self.single_columns] = rows
+        else:
+            out[self.single_slice] = rows
 
     def single_mask(self, window: int | None) -> torch.Tensor:
         """[R, 1, 1, L] bool: each one-token row sees its own keys (within ``window``): the same for every
@@ -152,7 +173,21 @@ def varlen_segments(
         chunks=chunks,
         mirror=step,
         kernel=kernel,
+        single_slice=singles_slice(single_lanes, single_columns),
     )
+
+
+def singles_slice(lanes: list[int], columns: list[int]) -> tuple[slice, int] | tuple[int, slice] | None:
+    """``(lanes, column)`` or ``(lane, columns)`` where the one-token segments at ``lanes[i], columns[i]``
+    are lanes ``0 .. R`` at one column, or one lane's consecutive columns (in order); else None."""
+    if not lanes:
+        return None
+    n, first_lane, first_column = len(lanes), lanes[0], columns[0]
+    if lanes == list(range(first_lane, first_lane + n)) and columns == [first_column] * n:
+        return slice(first_lane, first_lane + n), first_column
+    if lanes == [first_lane] * n and columns == list(range(first_column, first_column + n)):
+        return first_lane, slice(first_column, first_column + n)
+    return None
 
 
 def varlen_attention(
@@ -178,21 +213,20 @@ def varlen_attention(
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     layer = cast(int, module.layer_idx)  # every transformers attention layer has its index
     if varlen.num_singles:
-        q = query[varlen.single_lanes, :, varlen.single_columns].unsqueeze(2)  # [R, Hq, 1, D]
+        q = varlen.singles(query).unsqueeze(2)  # [R, Hq, 1, D]
         step = varlen.mirror
         if step is None:
             k, v = varlen.kv.gather(layer, varlen.single_blocks)
             res = attend(varlen.kernel, module, q, k, v, varlen.single_mask(sliding_window), scaling)
         else:
-            new_k = key[varlen.single_lanes, :, varlen.single_columns]  # [R, Hkv, D]
-            new_v = value[varlen.single_lanes, :, varlen.single_columns]
+            new_k, new_v = varlen.singles(key), varlen.singles(value)  # [R, Hkv, D]
             k, v = step.keys_values(layer, new_k, new_v)
             # the mirror may be wider than the model's dtype (float32 for bf16 where the CPU has no bf16
             # kernels): the query is widened and the output rounded back
             q, mask = step.scatter_queries(q).to(k.dtype), step.mask(sliding_window)
             res = attend(varlen.kernel, module, q, k, v, mask, scaling).index_select(0, step.slots)
             res = res.to(query.dtype)
-        out[varlen.single_lanes, varlen.single_columns] = res[:, 0]
+        varlen.place_singles(out, res[:, 0])
     for index, chunk in enumerate(varlen.chunks):
         lane, cols = chunk.lane, slice(chunk.column, chunk.column + chunk.length)
         q = query[lane : lane + 1, :, cols]
