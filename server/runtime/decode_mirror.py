@@ -91,6 +91,7 @@ class MirrorStep:
     fill_slots: torch.Tensor | None
     fill_blocks: torch.Tensor | None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _write_rows: torch.Tensor | None = None  # [R * Hkv] the rows of the (row, head) writes, flattened
 
     def mask(self, window: int | None) -> torch.Tensor:
         """[rows, 1, 1, width] bool: each decode row sees its own keys (within ``window``); the rows of other
@@ -111,9 +112,23 @@ class MirrorStep:
             k, v = self.kv.gather(layer, self.fill_blocks)  # the pool already holds this step's tokens
             keys[self.fill_slots, :, : k.shape[2]] = k.to(keys.dtype)
             values[self.fill_slots, :, : v.shape[2]] = v.to(values.dtype)
-        keys[self.slots, :, self.positions] = key.to(keys.dtype)
-        values[self.slots, :, self.positions] = value.to(values.dtype)
+        rows = self._rows_written(keys)
+        keys.view(-1, keys.shape[-1]).index_copy_(0, rows, key.reshape(rows.shape[0], -1).to(keys.dtype))
+        values.view(-1, values.shape[-1]).index_copy_(
+            0, rows, value.reshape(rows.shape[0], -1).to(values.dtype)
+        )
         return keys[: self.rows, :, : self.width], values[: self.rows, :, : self.width]
+
+    def _rows_written(self, mirror: torch.Tensor) -> torch.Tensor:
+        """The rows of ``mirror`` [slots, Hkv, W, D], seen as [slots * Hkv * W, D], that the decode rows'
+        new keys (or values) [R, Hkv, D] go to, in their order: one index per (row, head), each a whole
+        contiguous D, where indexing slots and positions copied element by element."""
+        if self._write_rows is None:
+            heads, width = mirror.shape[1], mirror.shape[2]
+            head = torch.arange(heads, device=self.slots.device)
+            rows = (self.slots[:, None] * heads + head[None, :]) * width + self.positions[:, None]
+            self._write_rows = rows.reshape(-1)
+        return self._write_rows
 
     def scatter_queries(self, query: torch.Tensor) -> torch.Tensor:
         """``query`` [R, Hq, 1, D] in decode-row order -> [rows, Hq, 1, D] in mirror-row order (zeros
