@@ -13,16 +13,17 @@ to 4.2 s; a cap of 64 gave 1.0 s at 2.0x.
 So ``StepCost`` fits what steps cost, ``seconds = fixed + per_row * decode_rows + per_token * prompt_tokens``,
 by least squares over the last steps (each step's weight decays by ``FORGET``), and allows as many prompt
 tokens as keep a step within ``ratio`` decode steps *of the same decode rows*, never fewer than ``floor``
-plus one per decode row (until measured: that). A lower allowance does not buy a lower tail where the
-box's noise sets it: on the Zen 3, a ratio of 1.5 and a floor of 8 (19 prompt tokens beside 16 rows,
-against 32) left the base row's inter-token p99 where it was (262 and 275 ms, against 247 and 277) and
-only raised its median (160 and 186 ms against 130 and 165), at 12-17% fewer tokens/s and half as much
-again time to first token. The row term matters: under a burst of new prompts the
+plus one per decode row (until measured: that). The row term matters: under a burst of new prompts the
 decode rows drop (streams wait for their prompts), and a mixed step of 8 rows compared with a decode step of
 16 would make prompt tokens look free and the allowance run away (measured before the fit: 75 prompt tokens
 a step where 20 keep the ratio, steps at 2.9 decode steps). Where the steps cannot tell two terms apart
 (every step mixed with the same prompt tokens, or the same decode rows throughout), a small ridge holds
 each slope at its last estimate instead of letting noise move it.
+
+A lower allowance does not buy a lower tail where the box's noise sets it: on the Zen 3, a ratio of 1.5
+and a floor of 8 (19 prompt tokens beside 16 rows, against 32) left the base row's inter-token p99 where
+it was (262 and 275 ms, against 247 and 277) and only raised its median (160 and 186 ms against 130 and
+165), at 12-17% fewer tokens/s and half as much again time to first token.
 
 The first estimate of a prompt token's cost needs steps of different prompt tokens. Under a queue that
 never drains every step takes the allowance, so until it is measured the allowance alternates between the
@@ -76,8 +77,9 @@ class StepCost:
 
     def _spread(self) -> float:
         """The (weighted) standard deviation of the prompt tokens of the steps in the fit."""
-        weight, mean = self._xx[0], self._xx[2] / self._xx[0]
-        return max(self._xx[8] / weight - mean * mean, 0.0) ** 0.5
+        weight, tokens, squares = self._xx[0], self._xx[2], self._xx[2 * _N + 2]  # sums of w, w t, w t^2
+        mean = tokens / weight
+        return max(squares / weight - mean * mean, 0.0) ** 0.5
 
     def _fit(self) -> None:
         """Solve the normal equations, each slope pulled towards its last estimate (the row slope towards
@@ -85,12 +87,12 @@ class StepCost:
         first mixed step measures it)."""
         a = list(self._xx)
         b = list(self._xy)
-        for i, last in ((1, self.row_s), (2, self.token_s)):
-            if i == 2 and last is None:
+        for i, last in ((1, 0.0 if self.row_s is None else self.row_s), (2, self.token_s)):
+            if last is None:
                 continue
             pull = RIDGE * a[i * _N + i]
             a[i * _N + i] += pull
-            b[i] += pull * (last or 0.0)
+            b[i] += pull * last
         solved = _solve(a, b)
         if solved is None:
             return

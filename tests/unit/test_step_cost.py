@@ -5,18 +5,21 @@ the decode rows change under it (a burst of new prompts) and when the steps cann
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 
 from server.engine.step_cost import PROBE_TOKENS, StepCost
 
+Machine = Callable[[int, int], float]  # decode rows, prompt tokens -> a step's seconds
 
-def machine(fixed_s: float, row_s: float, token_s: float):  # type: ignore[no-untyped-def]
+
+def machine(fixed_s: float, row_s: float, token_s: float) -> Machine:
     """What a step costs on a machine of that linear model."""
     return lambda rows, tokens: fixed_s + row_s * rows + token_s * tokens
 
 
-def settled(cost: StepCost, step, rows: int, steps: int = 400) -> None:  # type: ignore[no-untyped-def]
+def settled(cost: StepCost, step: Machine, rows: int, steps: int = 400) -> None:
     """Feed ``cost`` what ``step`` reports, each mixed step taking the allowance it then had."""
     for _ in range(steps):
         cost.observe(rows, 0, step(rows, 0))
