@@ -18,7 +18,7 @@ from server.metrics import CacheConfig, Metrics
 
 log = logging.getLogger("loraserve")
 
-CPU_PREFILL_BESIDE_DECODE = 16  # on the CPU, the measured allowance's floor (see _prefill_beside_decode)
+CPU_PREFILL_BESIDE_DECODE = 8  # on the CPU, the measured allowance's floor (see _prefill_beside_decode)
 
 
 @dataclass(slots=True)
@@ -163,7 +163,7 @@ def _resolve_sources(settings: Settings) -> tuple[str, str, Path | None]:
 def _prefill_beside_decode(settings: Settings, device_type: str) -> tuple[int | None, float | None]:
     """``EngineConfig``'s ``prefill_beside_decode`` and ``prefill_step_ratio``: a fixed cap where
     ``--prefill-beside-decode`` is set; by default on the CPU a measured one (``server.engine.step_cost``:
-    as many prompt tokens as keep a step within 1.6 steps of its decode rows alone, at least 16 plus one
+    as many prompt tokens as keep a step within 1.6 steps of its decode rows alone, at least 8 plus one
     per decode row, where each prompt token costs from about 1/100 to 1/40 of a decode step from one CPU
     and dtype to another); no cap on CUDA, where tokens are cheap until the GPU is full."""
     if settings.prefill_beside_decode is not None:

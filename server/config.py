@@ -43,7 +43,7 @@ class Settings(BaseSettings):
         description="while streams decode, a step's prompt chunks take at most this many tokens plus one "
         "per decoding stream, which bounds how long such a step holds the streams up, at the price of slower "
         "admission under bursts of long prompts (default on the CPU: measured, as many as keep a step within "
-        "1.6 steps of its decode rows alone, at least 16 plus one per decoding stream; no cap on CUDA)",
+        "1.6 steps of its decode rows alone, at least 8 plus one per decoding stream; no cap on CUDA)",
     )
     kv_cache_memory: int | None = Field(
         None,

@@ -20,10 +20,13 @@ a step where 20 keep the ratio, steps at 2.9 decode steps). Where the steps cann
 (every step mixed with the same prompt tokens, or the same decode rows throughout), a small ridge holds
 each slope at its last estimate instead of letting noise move it.
 
-A lower allowance does not buy a lower tail where the box's noise sets it: on the Zen 3, a ratio of 1.5
-and a floor of 8 (19 prompt tokens beside 16 rows, against 32) left the base row's inter-token p99 where
-it was (262 and 275 ms, against 247 and 277) and only raised its median (160 and 186 ms against 130 and
-165), at 12-17% fewer tokens/s and half as much again time to first token.
+The floor binds where prompt tokens are dear. On the Zen 3 a prompt token costs about 1/40 of a 16-row
+decode step, so the fit allows about 20 beside 16 rows; a floor of 16 plus one per row (32) overrode it
+and held mixed steps at 1.7-2.0 decode steps: in four interleaved pairs of closed runs (16 base streams,
+20 s) the base row's inter-token p99 / p50 was 1.83-2.08 with that floor and 1.54-1.79 with 8 (24 beside
+16 rows), p99 225-278 ms against 285-320, at the same tokens/s (89-92 against 76-89) and time to first
+token (p50 0.65-0.79 s against 0.65-0.75). A lower ratio does not help there (1.5 with the floor of 8:
+the fit still asks for less than the floor, which binds).
 
 The first estimate of a prompt token's cost needs steps of different prompt tokens. Under a queue that
 never drains every step takes the allowance, so until it is measured the allowance alternates between the

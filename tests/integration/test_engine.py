@@ -330,4 +330,4 @@ def test_on_the_cpu_every_step_feeds_the_measured_cap_the_next_step_keeps(engine
         if rows:
             assert prompt <= allowance, (rows, prompt, allowance)
     assert cost.decode_s(1) is not None and cost.token_s is not None  # both measured
-    assert cost.allowance(1) >= cost.floor + 1 == 16 + 1
+    assert cost.allowance(1) >= cost.floor + 1 == 8 + 1

@@ -508,12 +508,12 @@ def test_a_prompt_logprobs_request_is_not_held_behind_the_cap() -> None:
     assert batch is not None and q in batch.seqs and batch.num_new_tokens[-1] == 20
 
 
-def test_the_cap_is_measured_from_16_on_the_cpu_and_off_on_cuda_unless_set() -> None:
+def test_the_cap_is_measured_from_8_on_the_cpu_and_off_on_cuda_unless_set() -> None:
     from server.bootstrap import _prefill_beside_decode
     from server.config import Settings
     from server.engine.step_cost import DEFAULT_RATIO
 
-    assert _prefill_beside_decode(Settings(), "cpu") == (16, DEFAULT_RATIO)
+    assert _prefill_beside_decode(Settings(), "cpu") == (8, DEFAULT_RATIO)
     assert _prefill_beside_decode(Settings(), "cuda") == (None, None)
     assert _prefill_beside_decode(Settings(prefill_beside_decode=0), "cuda") == (0, None)
     assert _prefill_beside_decode(Settings(prefill_beside_decode=24), "cpu") == (24, None)  # fixed
