@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
             windows = asyncio.run(measure(engine, reader, counter, args))
         finally:
             engine.stop()
-            store.close()  # type: ignore[attr-defined]
+            store.close()
         result = summarize(args.label, windows, args)
     text = json.dumps(result, indent=2)
     print(text)

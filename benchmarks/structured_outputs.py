@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         result = asyncio.run(measure(engine, args.requests, args.max_tokens, args.rounds))
     finally:
         engine.stop()
-        store.close()  # type: ignore[attr-defined]
+        store.close()
     text = json.dumps(result, indent=2)
     print(text)
     if args.out is not None:

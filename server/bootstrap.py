@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -15,6 +16,9 @@ from server.config import Settings
 from server.engine.engine import AsyncEngine, EngineConfig
 from server.engine.step_cost import DEFAULT_RATIO
 from server.metrics import CacheConfig, Metrics
+
+if TYPE_CHECKING:
+    from adapter_store import AdapterStore
 
 log = logging.getLogger("loraserve")
 
@@ -25,16 +29,14 @@ CPU_PREFILL_BESIDE_DECODE = 8  # on the CPU, the measured allowance's floor (see
 class ServerParts:
     engine: AsyncEngine
     app: FastAPI
-    store: object | None
+    store: AdapterStore
     metrics: Metrics
 
     def close(self) -> None:
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            close()
+        self.store.close()
 
 
-def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[AsyncEngine, object]:
+def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[AsyncEngine, AdapterStore]:
     """Load the base (or build the demo bundle), the adapter store and the runner; return the engine
     (not started) and the store."""
     from adapter_store import AdapterRegistry, AdapterStore

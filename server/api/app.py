@@ -48,7 +48,11 @@ async def metrics(request: Request, _scraper: MetricsDep) -> Response:
 
 
 def create_app(
-    settings: Settings, engine: AsyncEngine, *, store: object | None = None, metrics: Metrics | None = None
+    settings: Settings,
+    engine: AsyncEngine,
+    *,
+    store: admin_routes.AdapterAdmin | None = None,
+    metrics: Metrics | None = None,
 ) -> FastAPI:
     """Build the app. A bad ``--api-keys`` file raises ``ApiKeysFileError`` here, at start."""
     metrics = metrics or engine.metrics or Metrics(CollectorRegistry())

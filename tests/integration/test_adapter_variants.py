@@ -88,7 +88,7 @@ def test_each_variant_equals_fresh_peft_alone_and_batched(bundle: tuple[Path, Pa
                 assert served(engine, name, beside=others) == want[name], f"{name} batched"
         finally:
             engine.stop()
-            store.close()  # type: ignore[attr-defined]
+            store.close()
 
 
 @pytest.mark.parametrize(
@@ -108,7 +108,7 @@ def test_refused_by_name(
     _, store = build_engine(settings)
     try:
         with pytest.raises(AdapterRefusedError, match=named) as refused:
-            store.registry.register("refused", tmp_path / "adapters" / "refused")  # type: ignore[attr-defined]
+            store.registry.register("refused", tmp_path / "adapters" / "refused")
         assert refused.value.status == 422
     finally:
-        store.close()  # type: ignore[attr-defined]
+        store.close()

@@ -51,7 +51,7 @@ def engine(padded_base: Path) -> Iterator[AsyncEngine]:
     yield engine
     engine.stop()
     if store is not None:
-        store.close()  # type: ignore[attr-defined]
+        store.close()
 
 
 async def _tokens(engine: AsyncEngine, prompt: str, temperature: float) -> list[int]:
