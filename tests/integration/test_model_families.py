@@ -207,7 +207,7 @@ def started(base: Path, adapter: Path, **flags: Any) -> Iterator[AsyncEngine]:
         yield engine
     finally:
         engine.stop()
-        store.close()  # type: ignore[attr-defined]
+        store.close()
 
 
 @pytest.fixture(scope="module")
@@ -281,8 +281,9 @@ def test_an_unproven_architecture_is_refused_at_start(
 @pytest.mark.slow
 def test_bf16_prepacked_linears_serve_the_tokens_of_plain_ones(families) -> None:  # type: ignore[no-untyped-def]
     """bf16 without quantization: the runner packs the base's linears for oneDNN (server/runtime/prepack.py),
-    bit-identical to ``F.linear``, so the engine's tokens for the base and the adapter, alone and batched, are
-    those of the same engine with packing off (bf16 rounding keeps both from a full-forward reference)."""
+    bit-identical to ``F.linear``, so the engine's tokens for the base and the adapter alone are those of the
+    same engine with packing off (bf16 rounding keeps both from a full-forward reference); batched, within
+    bf16 rounding of a fresh float32 model's (``assert_batched_within_rounding``)."""
     from server.runtime.prepack import PACKED, supported
 
     if not supported(torch.device("cpu")):
@@ -295,7 +296,8 @@ def test_bf16_prepacked_linears_serve_the_tokens_of_plain_ones(families) -> None
                 model = engine.runner.base_model
                 assert any(hasattr(m, PACKED) for m in model.modules()) == (mode == "on")
                 tokens[mode] = served_in_every_order(engine)
-    assert tokens["on"] == tokens["off"]
+        assert_batched_within_rounding(base, adapter, tokens["on"])
+    assert tokens["on"][:2] == tokens["off"][:2]  # alone: the same steps on both sides
     assert tokens["on"][0] != tokens["on"][1]  # the adapter changes the tokens: its rows really ran
 
 
@@ -305,7 +307,8 @@ def test_widened_bf16_linears_serve_the_tokens_of_plain_ones(families, monkeypat
     runner widens the base's linears to float32 copies (packing on), and slot LoRA's wide forwards and the
     decode mirror's attention run in float32 (either way). Within a bf16 rounding step of torch's own bf16
     ops, not bit-identical, so against the same engine with packing off on this family's peaked logits: the
-    base and the adapter, alone and batched."""
+    base and the adapter alone; batched, within bf16 rounding of a fresh float32 model's
+    (``assert_batched_within_rounding``)."""
     from server.runtime import prepack
 
     monkeypatch.setattr(prepack, "supported", lambda device: False)
@@ -320,7 +323,8 @@ def test_widened_bf16_linears_serve_the_tokens_of_plain_ones(families, monkeypat
                 assert runner.slot_lora is not None and runner.slot_lora.wide_dtype == torch.float32
                 assert runner.mirror is not None and runner.mirror.dtype == torch.float32
                 tokens[mode] = served_in_every_order(engine)
-    assert tokens["on"] == tokens["off"]
+        assert_batched_within_rounding(base, adapter, tokens["on"])
+    assert tokens["on"][:2] == tokens["off"][:2]  # alone: the same steps on both sides
     assert tokens["on"][0] != tokens["on"][1]  # the adapter changes the tokens: its rows really ran
 
 
@@ -347,6 +351,18 @@ def logit_gaps(base: Path, adapter: Path | None, outputs: list[list[int]]) -> li
         chosen = logits.gather(-1, torch.tensor(out)[:, None])[:, 0]
         gaps += ((best - chosen) / logits.abs().max(-1).values).tolist()
     return gaps
+
+
+def assert_batched_within_rounding(base: Path, adapter: Path, orders: list[list[list[int]]]) -> None:
+    """The batched orders of ``served_in_every_order`` (adapter beside the base, base beside the adapter) are
+    a fresh float32 model's best tokens or within bf16 rounding of them. Two bf16 engines are compared token
+    for token only alone: batched, which rows share a step follows when the engine thread picks the
+    requests up, and bf16 rounds a row otherwise beside other rows (seen: one engine took a near-tie the
+    other way in 3 of 30 rounds of the four orders)."""
+    _, _, batched_adapter, batched_base = orders
+    gaps = logit_gaps(base, adapter, batched_adapter) + logit_gaps(base, None, batched_base)
+    assert max(gaps) <= BF16_LOGIT_SLACK
+    assert sum(g == 0 for g in gaps) >= 0.75 * len(gaps)  # near-ties are the exception
 
 
 @pytest.mark.slow
