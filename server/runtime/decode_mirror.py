@@ -16,13 +16,21 @@ column 0 only and their output is dropped.
 
 The mirror is a cache of gathers, bounded by ``max_bytes``: a step whose rows and width would not fit
 gathers as before and leaves the mirror as it was. It grows by ``GROWTH``, or where that does not fit to the
-widest it may be, at once: each growth allocates and copies every layer's keys and values (on a 2-core Zen 3
-VM, 1.1-1.8 s for 24 rows of the 193M Llama growing to 192-336 columns, mostly first-touch page faults).
+most rows or the widest it may be. A growth allocates and copies every layer's keys and values: on a 2-core
+Zen 3 VM, 1.1-1.7 s for 24 rows of the 193M Llama growing to 192-336 columns, mostly first-touch page faults,
+and done in one step it stalls every stream for it. So the width grows ahead of need, a few tensors a step:
+once the longest decode row is within ``lookahead`` tokens of the width (or half the width, where that is
+less), each step grows its share of the tensors left, so that the last is grown by the step that needs it
+(48 tensors over 64 steps: one a step, 20-40 ms beside a 150-180 ms step). Until then the grown tensors are
+wider than the width steps read, which is the narrowest. A step that needs more than that width before then
+(a long prompt's first decode, a new slot) grows the rest at once. Rows are not grown ahead: a new slot's
+first decode comes when its prompt is done, which the mirror does not see coming.
 
 With ``whole_rows`` a step reads its rows at the mirror's whole width where that is at most ``WHOLE_ROWS``
 times its own: then ``[:rows]`` is contiguous, and the CPU's bf16 bmm (``decode_attention``'s matmuls)
 copies a batch of rows cut shorter before multiplying (measured on a Zen 4, 16 rows of 112 keys in rows
-of 192: 2 ms of copy per call, against 0.3 ms for the whole rows). SDPA reads cut rows in place.
+of 192: 2 ms of copy per call, against 0.3 ms for the whole rows). SDPA reads cut rows in place. While the
+width grows over steps, the layers already grown are read cut.
 
 The mirror may hold another dtype than the pool (``dtype``): float32 for a bf16 model where the CPU has no
 bf16 kernels (``server.runtime.prepack.multiply_dtype``). There torch's bf16 attention is slow: on a 2-core
@@ -53,6 +61,7 @@ GROWTH = 2  # a mirror too small for a step grows to this many times its rows or
 WHOLE_ROWS = 2  # whole_rows: a step reads whole rows when they are at most this many times its width
 SHRINK_STEPS = 64  # a mirror over SHRINK_WIDTH times wider than this many steps in a row needed is dropped
 SHRINK_WIDTH = GROWTH * WHOLE_ROWS  # past what growth from the needed width leaves, so a regrown mirror stays
+LOOKAHEAD = 64  # tokens: the width grows over the steps while the longest decode row is this close to it
 
 Owner = tuple[str, int]  # (request id, preemptions so far): who a row's tokens belong to
 
@@ -93,7 +102,7 @@ class MirrorStep:
     fill_slots: torch.Tensor | None
     fill_blocks: torch.Tensor | None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-    _write_rows: torch.Tensor | None = None  # [R * Hkv] the rows of the (row, head) writes, flattened
+    _write_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # by the mirror's width: [R * Hkv]
 
     def mask(self, window: int | None) -> torch.Tensor:
         """[rows, 1, 1, width] bool: each decode row sees its own keys (within ``window``); the rows of other
@@ -114,23 +123,24 @@ class MirrorStep:
             k, v = self.kv.gather(layer, self.fill_blocks)  # the pool already holds this step's tokens
             keys[self.fill_slots, :, : k.shape[2]] = k.to(keys.dtype)
             values[self.fill_slots, :, : v.shape[2]] = v.to(values.dtype)
-        rows = self._rows_written(keys)
-        keys.view(-1, keys.shape[-1]).index_copy_(0, rows, key.reshape(rows.shape[0], -1).to(keys.dtype))
-        values.view(-1, values.shape[-1]).index_copy_(
-            0, rows, value.reshape(rows.shape[0], -1).to(values.dtype)
-        )
+        for mirror, new in ((keys, key), (values, value)):  # a growing layer's may differ in width
+            rows = self._rows_written(mirror)
+            mirror.view(-1, mirror.shape[-1]).index_copy_(
+                0, rows, new.reshape(rows.shape[0], -1).to(mirror.dtype)
+            )
         return keys[: self.rows, :, : self.width], values[: self.rows, :, : self.width]
 
     def _rows_written(self, mirror: torch.Tensor) -> torch.Tensor:
         """The rows of ``mirror`` [slots, Hkv, W, D], seen as [slots * Hkv * W, D], that the decode rows'
         new keys (or values) [R, Hkv, D] go to, in their order: one index per (row, head), each a whole
-        contiguous D, where indexing slots and positions copied element by element."""
-        if self._write_rows is None:
-            heads, width = mirror.shape[1], mirror.shape[2]
+        contiguous D, where indexing slots and positions copied element by element. While the mirror grows
+        (``DecodeMirror._stage``) its layers may differ in width."""
+        heads, width = mirror.shape[1], mirror.shape[2]
+        if width not in self._write_rows:
             head = torch.arange(heads, device=self.slots.device)
             rows = (self.slots[:, None] * heads + head[None, :]) * width + self.positions[:, None]
-            self._write_rows = rows.reshape(-1)
-        return self._write_rows
+            self._write_rows[width] = rows.reshape(-1)
+        return self._write_rows[width]
 
     def scatter_queries(self, query: torch.Tensor) -> torch.Tensor:
         """``query`` [R, Hq, 1, D] in decode-row order -> [rows, Hq, 1, D] in mirror-row order (zeros
@@ -148,7 +158,8 @@ class DecodeMirror:
     """Per layer ``[rows, kv_heads, width, head_dim]`` keys and values; row ``slot`` holds the first
     ``filled`` tokens of the sequence ``owner`` names. At most ``max_rows`` x ``max_width`` and
     ``max_bytes``; ``whole_rows``: steps read rows at the whole width where it is near theirs; ``dtype``:
-    of the keys and values held (default: the pool's)."""
+    of the keys and values held (default: the pool's); ``lookahead``: tokens before the width is needed that
+    its growth starts, spread over the steps (0: grown at once by the step that needs it)."""
 
     def __init__(
         self,
@@ -162,8 +173,10 @@ class DecodeMirror:
         whole_rows: bool = False,
         shrink_after: int = SHRINK_STEPS,
         dtype: torch.dtype | None = None,
+        lookahead: int = LOOKAHEAD,
     ) -> None:
         self.geometry = geometry
+        self.lookahead = lookahead
         self.dtype = geometry.dtype if dtype is None else dtype
         self.whole_rows = whole_rows
         self.shrink_after = shrink_after
@@ -175,18 +188,19 @@ class DecodeMirror:
         self.max_width = -(-max_width // block_size) * block_size  # a whole context, in whole blocks
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self._rows = 0
+        self._rows = 0  # what every layer's tensors hold at least
         self._width = 0
+        self._staged: tuple[int, int] | None = None  # (rows, width) some tensors are grown to ahead of need
         self._owner: list[Owner | None] = []
         self._filled: list[int] = []
 
     @property
     def nbytes(self) -> int:
-        return self._bytes(self._rows, self._width)
+        return sum(t.nbytes for t in (*self.keys, *self.values))
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(rows, width) allocated."""
+        """(rows, width) every layer holds: what steps may read."""
         return self._rows, self._width
 
     def forget(self, slot: int) -> None:
@@ -207,6 +221,7 @@ class DecodeMirror:
             self._drop()
         if not self._reserve(needed_rows, width):
             return None
+        self._stage(max(r.position for r in rows) + 1)
         fills = [r for r in rows if self._owner[r.slot] != r.owner or self._filled[r.slot] != r.position]
         for r in rows:
             self._owner[r.slot] = r.owner
@@ -237,6 +252,7 @@ class DecodeMirror:
         """Free every row: the next reservation allocates what it needs and every row is filled again."""
         self.keys, self.values = [], []
         self._rows = self._width = 0
+        self._staged = None
         self._owner, self._filled = [], []
         self._narrow_steps = 0
 
@@ -250,37 +266,94 @@ class DecodeMirror:
         blocks = self.max_bytes // self._bytes(rows, self.block_size)
         return min(blocks * self.block_size, self.max_width)
 
+    def _tallest(self, width: int) -> int:
+        """The most rows, at most ``max_rows``, that hold ``width`` columns within ``max_bytes``."""
+        return min(self.max_bytes // self._bytes(1, width), self.max_rows)
+
+    def _target(self, rows: int, width: int) -> tuple[int, int] | None:
+        """The shape a mirror that must hold ``rows`` x ``width`` grows to, keeping a growth under way where
+        that fits (else cutting it back); None if even ``rows`` x ``width`` is over ``max_bytes``."""
+        floors = (
+            [(self._rows, self._width)] if self._staged is None else [self._staged, (self._rows, self._width)]
+        )
+        for floor_rows, floor_width in floors:
+            need_rows, need_width = max(rows, floor_rows), max(width, floor_width)
+            if self._bytes(need_rows, need_width) <= self.max_bytes:
+                break
+        else:
+            return None
+        # grow by a factor where that fits, so slots and lengths coming one at a time reallocate rarely;
+        # where it does not, the most that fits: growing to what the step needs would reallocate and copy
+        # the whole mirror again at every new slot, or every new block of the longest row
+        if need_rows > self._rows:
+            grown = min(max(need_rows, self._rows * GROWTH), self.max_rows)
+            fits = self._bytes(grown, need_width) <= self.max_bytes
+            need_rows = grown if fits else self._tallest(need_width)
+        if need_width > self._width:
+            grown = min(max(need_width, self._width * GROWTH), self.max_width)
+            fits = self._bytes(need_rows, grown) <= self.max_bytes
+            need_width = grown if fits else self._widest(need_rows)
+        return need_rows, need_width
+
     def _reserve(self, rows: int, width: int) -> bool:
-        """Make the mirror at least ``rows`` x ``width``, keeping what its rows hold; False if that is over
-        ``max_bytes`` (the mirror is left as it was)."""
+        """Make the mirror at least ``rows`` x ``width`` now, keeping what its rows hold; False if that is
+        over ``max_bytes`` (the mirror is left as it was)."""
         if rows <= self._rows and width <= self._width:
             return True
-        rows, width = max(rows, self._rows), max(width, self._width)
-        if self._bytes(rows, width) > self.max_bytes:
+        target = self._target(rows, width)
+        if target is None:
             return False
-        # grow by a factor where that fits, so slots and lengths coming one at a time reallocate rarely
-        if rows > self._rows:
-            grown = min(max(rows, self._rows * GROWTH), self.max_rows)
-            rows = grown if self._bytes(grown, width) <= self.max_bytes else rows
-        if width > self._width:
-            grown = min(max(width, self._width * GROWTH), self.max_width)
-            # where growing by the factor does not fit, the widest that does: growing to what the step
-            # needs would reallocate and copy the whole mirror again at every new block of the longest row
-            width = grown if self._bytes(rows, grown) <= self.max_bytes else self._widest(rows)
-        g = self.geometry
-        shape = (rows, g.num_kv_heads, width, g.head_dim)
-        old_rows, old_width = self._rows, self._width
-        for pool in (self.keys, self.values):
-            for layer in range(g.num_layers):
-                # zeros, not empty: SDPA multiplies masked columns by 0, and 0 x NaN (uninitialised
-                # memory) is NaN, so every column a row has not written must hold a finite value
-                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if layer < len(pool):
-                    new[:old_rows, :, :old_width] = pool[layer]
-                    pool[layer] = new
-                else:
-                    pool.append(new)
-        self._owner += [None] * (rows - old_rows)
-        self._filled += [0] * (rows - old_rows)
-        self._rows, self._width = rows, width
+        self._staged = target
+        self._grow(len(self._waiting()))
         return True
+
+    def _stage(self, longest: int) -> None:
+        """Grow the width ahead of the longest decode row (``longest`` tokens), this step's share of the
+        tensors left: all of them grown by the step the row reaches the width. Growth starts within
+        ``lookahead`` tokens of the width, or half of it where that is less (a mirror a few blocks wide
+        would otherwise grow twice over before its rows are all there)."""
+        left = self._width - longest  # steps after this one the width still holds
+        if self._staged is None:
+            if not self.keys or left >= min(self.lookahead, self._width // 2):
+                return
+            self._staged = self._target(self._rows, self._width + 1)
+            if self._staged is None or self._staged == (self._rows, self._width):
+                self._staged = None  # as wide as it may be
+                return
+        self._grow(-(-len(self._waiting()) // (left + 1)))
+
+    def _waiting(self) -> list[tuple[list[torch.Tensor], int]]:
+        """(pool, layer) of each tensor not yet at the staged shape (or not allocated)."""
+        assert self._staged is not None
+        rows, width = self._staged
+        return [
+            (pool, layer)
+            for pool in (self.keys, self.values)
+            for layer in range(self.geometry.num_layers)
+            if layer >= len(pool) or pool[layer].shape[0] != rows or pool[layer].shape[2] != width
+        ]
+
+    def _grow(self, count: int) -> None:
+        """Grow ``count`` more tensors to the staged shape; once none waits, that is the mirror's shape."""
+        assert self._staged is not None
+        rows, width = self._staged
+        g = self.geometry
+        waiting = self._waiting()
+        for pool, layer in waiting[:count]:
+            # zeros, not empty: SDPA multiplies masked columns by 0, and 0 x NaN (uninitialised memory) is
+            # NaN, so every column a row has not written must hold a finite value
+            new = torch.zeros((rows, g.num_kv_heads, width, g.head_dim), dtype=self.dtype, device=self.device)
+            if layer < len(pool):
+                # a growth cut back may leave a tensor wider than the new shape: no row wrote past the width
+                # steps read, which is at most this one
+                r, w = min(rows, pool[layer].shape[0]), min(width, pool[layer].shape[2])
+                new[:r, :, :w] = pool[layer][:r, :, :w]
+                pool[layer] = new
+            else:
+                pool.append(new)
+        if len(waiting) > count:
+            return
+        self._owner += [None] * (rows - self._rows)
+        self._filled += [0] * (rows - self._rows)
+        self._rows, self._width = rows, width
+        self._staged = None
