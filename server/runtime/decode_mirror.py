@@ -21,8 +21,8 @@ Zen 3 VM, 1.1-1.7 s for 24 rows of the 193M Llama growing to 192-336 columns, mo
 and done in one step it stalls every stream for it. So the width grows ahead of need, a few tensors a step:
 once the longest decode row is within ``lookahead`` tokens of the width (or half the width, where that is
 less), each step grows its share of the tensors left, so that the last is grown by the step that needs it
-(48 tensors over 64 steps: one a step, 20-40 ms beside a 150-180 ms step). Until then the grown tensors are
-wider than the width steps read, which is the narrowest. A step that needs more than that width before then
+(the 24 tensors of 12 layers: one a step, 45-70 ms beside a 150-180 ms step). Until then the grown tensors
+are wider than the width every layer holds. A step that needs more than that width before then
 (a long prompt's first decode, a new slot) grows the rest at once. Rows are not grown ahead: a new slot's
 first decode comes when its prompt is done, which the mirror does not see coming.
 
@@ -30,7 +30,9 @@ With ``whole_rows`` a step reads its rows at the mirror's whole width where that
 times its own: then ``[:rows]`` is contiguous, and the CPU's bf16 bmm (``decode_attention``'s matmuls)
 copies a batch of rows cut shorter before multiplying (measured on a Zen 4, 16 rows of 112 keys in rows
 of 192: 2 ms of copy per call, against 0.3 ms for the whole rows). SDPA reads cut rows in place. While the
-width grows over steps, the layers already grown are read cut.
+width grows over steps, a step that reads whole rows reads the layers already grown at their own width (at
+most ``GROWTH`` times the rest's, masked past the rows' positions), not cut at the rest's: there a cut read
+is the copy this avoids.
 
 The mirror may hold another dtype than the pool (``dtype``): float32 for a bf16 model where the CPU has no
 bf16 kernels (``server.runtime.prepack.multiply_dtype``). There torch's bf16 attention is slow: on a 2-core
@@ -101,23 +103,27 @@ class MirrorStep:
     positions: torch.Tensor
     fill_slots: torch.Tensor | None
     fill_blocks: torch.Tensor | None
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    whole: bool = False  # the step reads whole rows: a layer grown ahead of the rest, at its own width
+    _masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)
     _write_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # by the mirror's width: [R * Hkv]
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """[rows, 1, 1, width] bool: each decode row sees its own keys (within ``window``); the rows of other
-        slots see column 0 (their position counts as 0), so none is all -inf. Built once per forward."""
-        if window not in self._masks:
+    def mask(self, window: int | None, width: int | None = None) -> torch.Tensor:
+        """[rows, 1, 1, width] bool (default: the step's width; a layer grown ahead is read at its own):
+        each decode row sees its own keys (within ``window``); the rows of other slots see column 0 (their
+        position counts as 0), so none is all -inf. Built once per forward and width."""
+        width = self.width if width is None else width
+        if (window, width) not in self._masks:
             position = torch.zeros(self.rows, dtype=torch.long, device=self.slots.device)
             position[self.slots] = self.positions
-            self._masks[window] = decode_mask(position[:, None], self.width, window)
-        return self._masks[window]
+            self._masks[window, width] = decode_mask(position[:, None], width, window)
+        return self._masks[window, width]
 
     def keys_values(
         self, layer: int, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the decode rows' new ``key``/``value`` [R, Hkv, D] of ``layer`` (after filling the rows
-        that need it) -> what attention reads, ``[rows, Hkv, width, D]`` views of the mirror."""
+        that need it) -> what attention reads, ``[rows, Hkv, width, D]`` views of the mirror (``mask``
+        of their width)."""
         keys, values = self.mirror.keys[layer], self.mirror.values[layer]
         if self.fill_slots is not None and self.fill_blocks is not None:
             k, v = self.kv.gather(layer, self.fill_blocks)  # the pool already holds this step's tokens
@@ -128,13 +134,20 @@ class MirrorStep:
             mirror.view(-1, mirror.shape[-1]).index_copy_(
                 0, rows, new.reshape(rows.shape[0], -1).to(mirror.dtype)
             )
-        return keys[: self.rows, :, : self.width], values[: self.rows, :, : self.width]
+        width = self.read_width(layer)
+        return keys[: self.rows, :, :width], values[: self.rows, :, :width]
+
+    def read_width(self, layer: int) -> int:
+        """The columns of ``layer`` this step reads: its width, or where it reads whole rows, the layer's
+        own (a layer grown ahead of the rest is read whole, not cut to the rest's width)."""
+        keys, values = self.mirror.keys[layer], self.mirror.values[layer]
+        return keys.shape[2] if self.whole and keys.shape[2] == values.shape[2] else self.width
 
     def _rows_written(self, mirror: torch.Tensor) -> torch.Tensor:
         """The rows of ``mirror`` [slots, Hkv, W, D], seen as [slots * Hkv * W, D], that the decode rows'
         new keys (or values) [R, Hkv, D] go to, in their order: one index per (row, head), each a whole
         contiguous D, where indexing slots and positions copied element by element. While the mirror grows
-        (``DecodeMirror._stage``) its layers may differ in width."""
+        (``DecodeMirror._stage``) its layers (and a layer's keys and values) differ in width."""
         heads, width = mirror.shape[1], mirror.shape[2]
         if width not in self._write_rows:
             head = torch.arange(heads, device=self.slots.device)
@@ -226,7 +239,8 @@ class DecodeMirror:
         for r in rows:
             self._owner[r.slot] = r.owner
             self._filled[r.slot] = r.position + 1
-        if self.whole_rows and self._width <= WHOLE_ROWS * width:
+        whole = self.whole_rows and self._width <= WHOLE_ROWS * width
+        if whole:
             width = self._width  # the columns past a row's position are masked
         fill_slots = fill_blocks = None
         if fills:
@@ -243,6 +257,7 @@ class DecodeMirror:
             positions=self._tensor([r.position for r in rows]),
             fill_slots=fill_slots,
             fill_blocks=fill_blocks,
+            whole=whole,
         )
 
     def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
@@ -323,13 +338,14 @@ class DecodeMirror:
         self._grow(-(-len(self._waiting()) // (left + 1)))
 
     def _waiting(self) -> list[tuple[list[torch.Tensor], int]]:
-        """(pool, layer) of each tensor not yet at the staged shape (or not allocated)."""
+        """(pool, layer) of each tensor not yet at the staged shape (or not allocated), a layer's keys then
+        its values: at most one layer's differ in width after a step."""
         assert self._staged is not None
         rows, width = self._staged
         return [
             (pool, layer)
-            for pool in (self.keys, self.values)
             for layer in range(self.geometry.num_layers)
+            for pool in (self.keys, self.values)
             if layer >= len(pool) or pool[layer].shape[0] != rows or pool[layer].shape[2] != width
         ]
 
@@ -345,7 +361,7 @@ class DecodeMirror:
             new = torch.zeros((rows, g.num_kv_heads, width, g.head_dim), dtype=self.dtype, device=self.device)
             if layer < len(pool):
                 # a growth cut back may leave a tensor wider than the new shape: no row wrote past the width
-                # steps read, which is at most this one
+                # every layer holds, which is at most this one
                 r, w = min(rows, pool[layer].shape[0]), min(width, pool[layer].shape[2])
                 new[:r, :, :w] = pool[layer][:r, :, :w]
                 pool[layer] = new

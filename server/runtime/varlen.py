@@ -223,7 +223,7 @@ def varlen_attention(
             k, v = step.keys_values(layer, new_k, new_v)
             # the mirror may be wider than the model's dtype (float32 for bf16 where the CPU has no bf16
             # kernels): the query is widened and the output rounded back
-            q, mask = step.scatter_queries(q).to(k.dtype), step.mask(sliding_window)
+            q, mask = step.scatter_queries(q).to(k.dtype), step.mask(sliding_window, k.shape[2])
             res = attend(varlen.kernel, module, q, k, v, mask, scaling).index_select(0, step.slots)
             res = res.to(query.dtype)
         varlen.place_singles(out, res[:, 0])

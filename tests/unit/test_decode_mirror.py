@@ -282,6 +282,27 @@ def test_the_width_grows_ahead_of_the_longest_row_a_share_of_the_tensors_a_step(
     assert all(t.isfinite().all() for t in (*m.keys, *m.values))
 
 
+def test_a_step_reading_whole_rows_reads_the_layers_grown_ahead_whole() -> None:
+    """Where steps read whole rows (the bf16 matmuls copy rows read cut), a layer whose keys and values are
+    both grown ahead of the rest is read at its own width, masked past the rows' positions; the rest, and a
+    layer whose values are not grown yet, at the width every layer holds."""
+    torch.manual_seed(12)
+    geometry = KVGeometry(num_layers=3, num_kv_heads=HKV, head_dim=D, dtype=torch.float32)
+    m = mirror(lookahead=6, geometry=geometry, whole_rows=True)
+    d = Decoder(m, "matmul", geometry=geometry)
+    a = d.add(2 * BS - 1, slot=0)
+    d.step([a])
+    d.overwrite_blocks(a)
+    read = []
+    for _ in range(12):
+        d.step([a])  # layer 0, read at the width its step says, is checked against attention by hand
+        step = d.segments.mirror
+        assert step is not None and d.filled == []
+        read.append([step.read_width(layer) // BS for layer in range(3)])
+    # keys then values of layer 0, 1, 2 grow one a step from the third step; then all are 8 blocks
+    assert read == [[4, 4, 4]] * 3 + [[8, 4, 4]] * 2 + [[8, 8, 4]] * 2 + [[8, 8, 8]] * 5
+
+
 def test_a_step_past_the_width_grows_the_tensors_still_waiting_at_once() -> None:
     """A decode row that needs more than the width before the growth spread over steps is done (a long
     prompt's first decode beside rows that had not reached the width) grows the rest in that step."""
