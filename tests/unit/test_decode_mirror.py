@@ -4,9 +4,13 @@ when it does not hold exactly the tokens before the one decoded (first decode, a
 freed slot even under the same request id, after a preemption, after a step that gathered), slots
 not decoding in a forward leave the others' output alone, the mirror grows keeping its rows, and a step
 that would not fit in its bytes gathers from the blocks as before. The mirror is read, not the blocks:
-blocks overwritten after a row is filled do not change that row's attention."""
+blocks overwritten after a row is filled do not change that row's attention. The width grows over steps
+ahead of need, and random schedules of starts, steps and ends under tight byte limits read what attention
+over the true keys reads."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
@@ -29,10 +33,14 @@ class Decoder:
     of all its tokens (what the pool holds for the tokens it has seen)."""
 
     def __init__(
-        self, mirror: DecodeMirror | None, kernel: Kernel = "sdpa", geometry: KVGeometry = GEOMETRY
+        self,
+        mirror: DecodeMirror | None,
+        kernel: Kernel = "sdpa",
+        geometry: KVGeometry = GEOMETRY,
+        num_blocks: int = NUM_BLOCKS,
     ) -> None:
         self.kv = PagedKVCache(
-            geometry=geometry, num_blocks=NUM_BLOCKS, block_size=BS, device=torch.device("cpu")
+            geometry=geometry, num_blocks=num_blocks, block_size=BS, device=torch.device("cpu")
         )
         self.dtype = geometry.dtype  # of the pool and the queries; the truth kept here is float32
         self.mirror = mirror
@@ -107,7 +115,7 @@ class Decoder:
         while len(s.block_table) * BS < s.num_cached + 1:
             s.block_table.append(self._next_block)
             self._next_block += 1
-        assert self._next_block <= NUM_BLOCKS
+        assert self._next_block <= self.kv.num_blocks
 
     def _slots(self, s: Sequence, tokens: range) -> torch.Tensor:
         return torch.tensor([s.block_table[p // BS] * BS + p % BS for p in tokens], dtype=torch.long)
@@ -436,3 +444,50 @@ def test_rows_a_quarter_of_the_mirror_width_or_more_keep_it() -> None:
         d.step([mid])
         assert m.shape == (1, 16 * BS)
     assert d.filled == []  # filled once, then never dropped
+
+
+@pytest.mark.parametrize(
+    ("kernel", "blocks", "lookahead", "shrink_after"),
+    [
+        ("sdpa", 16, 64, 1000),  # steps gather, and once a growth is cut back
+        ("matmul", 24, 64, 3),
+        ("matmul", 32, 8, 3),
+        ("sdpa", 40, 16, 1000),  # a growth cut back
+        ("sdpa", 1 << 10, 8, 1000),
+        ("matmul", 1 << 10, 0, 3),  # grown at once by the step that needs it
+    ],
+)
+def test_random_schedules_read_what_attention_over_the_true_keys_reads(
+    kernel: Kernel, blocks: int, lookahead: int, shrink_after: int
+) -> None:
+    """Sequences start in free slots, decode in random subsets, end and leave their slot to the next, under
+    byte limits (``blocks`` of every token's keys and values) that make the mirror gather, cut growths back
+    or drop; every step of every row is checked against attention by hand over the true keys and values."""
+    rng = random.Random(blocks + lookahead)
+    torch.manual_seed(blocks + lookahead)
+    geometry = KVGeometry(num_layers=2, num_kv_heads=HKV, head_dim=D, dtype=torch.float32)
+    m = mirror(
+        max_bytes=blocks * BS * geometry.bytes_per_token,
+        max_rows=4,
+        whole_rows=kernel == "matmul",
+        shrink_after=shrink_after,
+        geometry=geometry,
+        lookahead=lookahead,
+    )
+    d = Decoder(m, kernel, geometry=geometry, num_blocks=1024)
+    live: dict[int, Sequence] = {}
+    staged = gathered = 0
+    for _ in range(150):
+        for slot in [s for s, seq_ in live.items() if seq_.num_cached >= 40 or rng.random() < 0.02]:
+            del live[slot]  # ended
+            m.forget(slot)
+        free = [slot for slot in range(4) if slot not in live]
+        if free and rng.random() < 0.2:
+            slot = rng.choice(free)
+            live[slot] = d.add(rng.randint(1, 20), slot=slot)
+        if live:
+            d.step(rng.sample(list(live.values()), rng.randint(1, len(live))), rng.choice([None, 5]))
+            gathered += d.segments.mirror is None
+            staged += m._staged is not None
+    assert (staged > 0) == (lookahead > 0)  # the schedules do reach what they are here for
+    assert (gathered > 0) == (blocks < 40)
