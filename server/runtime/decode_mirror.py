@@ -107,11 +107,10 @@ class MirrorStep:
     _masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)
     _write_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # by the mirror's width: [R * Hkv]
 
-    def mask(self, window: int | None, width: int | None = None) -> torch.Tensor:
-        """[rows, 1, 1, width] bool (default: the step's width; a layer grown ahead is read at its own):
-        each decode row sees its own keys (within ``window``); the rows of other slots see column 0 (their
-        position counts as 0), so none is all -inf. Built once per forward and width."""
-        width = self.width if width is None else width
+    def mask(self, window: int | None, width: int) -> torch.Tensor:
+        """[rows, 1, 1, width] bool, ``width`` the layer's ``read_width``: each decode row sees its own keys
+        (within ``window``); the rows of other slots see column 0 (their position counts as 0), so none is
+        all -inf. Built once per forward and width."""
         if (window, width) not in self._masks:
             position = torch.zeros(self.rows, dtype=torch.long, device=self.slots.device)
             position[self.slots] = self.positions
@@ -228,13 +227,14 @@ class DecodeMirror:
             return None
         bs = self.block_size
         needed_rows = max(r.slot for r in rows) + 1
-        width = -(-(max(r.position for r in rows) + 1) // bs) * bs
+        longest = max(r.position for r in rows) + 1
+        width = -(-longest // bs) * bs
         self._narrow_steps = self._narrow_steps + 1 if self._width > SHRINK_WIDTH * width else 0
         if self._narrow_steps >= self.shrink_after:
             self._drop()
         if not self._reserve(needed_rows, width):
             return None
-        self._stage(max(r.position for r in rows) + 1)
+        self._stage(longest)
         fills = [r for r in rows if self._owner[r.slot] != r.owner or self._filled[r.slot] != r.position]
         for r in rows:
             self._owner[r.slot] = r.owner
@@ -319,7 +319,7 @@ class DecodeMirror:
         if target is None:
             return False
         self._staged = target
-        self._grow(len(self._waiting()))
+        self._grow(steps=0)
         return True
 
     def _stage(self, longest: int) -> None:
@@ -331,11 +331,11 @@ class DecodeMirror:
         if self._staged is None:
             if not self.keys or left >= min(self.lookahead, self._width // 2):
                 return
-            self._staged = self._target(self._rows, self._width + 1)
-            if self._staged is None or self._staged == (self._rows, self._width):
-                self._staged = None  # as wide as it may be
-                return
-        self._grow(-(-len(self._waiting()) // (left + 1)))
+            target = self._target(self._rows, self._width + 1)
+            if target is None or target == (self._rows, self._width):
+                return  # as wide as it may be
+            self._staged = target
+        self._grow(steps=left)
 
     def _waiting(self) -> list[tuple[list[torch.Tensor], int]]:
         """(pool, layer) of each tensor not yet at the staged shape (or not allocated), a layer's keys then
@@ -349,12 +349,14 @@ class DecodeMirror:
             if layer >= len(pool) or pool[layer].shape[0] != rows or pool[layer].shape[2] != width
         ]
 
-    def _grow(self, count: int) -> None:
-        """Grow ``count`` more tensors to the staged shape; once none waits, that is the mirror's shape."""
+    def _grow(self, steps: int) -> None:
+        """Grow this step's share of the tensors waiting for the staged shape, leaving the rest to ``steps``
+        more steps (0: all of them now); once none waits, that is the mirror's shape."""
         assert self._staged is not None
         rows, width = self._staged
         g = self.geometry
         waiting = self._waiting()
+        count = -(-len(waiting) // (steps + 1))
         for pool, layer in waiting[:count]:
             # zeros, not empty: SDPA multiplies masked columns by 0, and 0 x NaN (uninitialised memory) is
             # NaN, so every column a row has not written must hold a finite value
