@@ -248,8 +248,10 @@ class Scheduler:
                 budget -= chunk
                 cap = min(cap - chunk, budget)
         self._count_bypasses(candidates, served)
-        if rows:
-            result.batch = Batch(seqs=rows, num_new_tokens=sizes)
+        # a prompt chunk may have preempted a sequence taken earlier in this step: it holds no blocks now
+        taken = [(q, n) for q, n in zip(rows, sizes, strict=True) if q.status is SequenceStatus.RUNNING]
+        if taken:
+            result.batch = Batch(seqs=[q for q, _ in taken], num_new_tokens=[n for _, n in taken])
         return result
 
     def _prompt_order(self) -> list[Sequence]:

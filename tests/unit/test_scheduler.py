@@ -315,6 +315,23 @@ def test_decode_preempts_the_newest_sequence_when_blocks_run_out() -> None:
     assert result.batch is not None and result.batch.seqs == [old]
 
 
+def test_a_prompt_chunk_that_preempts_a_decode_row_takes_it_out_of_the_step() -> None:
+    """An older sequence still in its prompt needs blocks a newer one holds, and the newer one is already
+    a decode row of this step: it is preempted and leaves the step (it has no blocks left to write to)."""
+    s, _ = make(slots=8, blocks=5, block_size=4, budget=8, prefix_caching=False)
+    long = seq(20)
+    s.add(long)
+    step(s)  # long: 8 of 20 prompt tokens, 2 blocks
+    short = seq(3)
+    s.add(short)
+    step(s)  # short goes first (fewer tokens left): 3 tokens, 1 block; long 5 more, 4 blocks: 5 of 5
+    assert short.num_output_tokens == 1 and long.in_prefill
+    result = s.schedule(0.0)  # short decodes; long's chunk needs a 5th block: short, the newest, goes
+    assert result.preempted == [short] and short.block_table == []
+    assert result.batch is not None and result.batch.seqs == [long]
+    assert all(q.block_table for q in result.batch.seqs)
+
+
 def test_a_preempted_sequence_recomputes_its_tokens_and_keeps_its_output() -> None:
     s, _ = make(slots=8, blocks=5, block_size=4, prefix_caching=False)
     old, new = seq(8), seq(4)
