@@ -92,6 +92,8 @@ class IdTokenizer:
         self.vocab_size = vocab_size
         self.num_ids = vocab_size
 
+    byte_level = False
+
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return frozenset()

@@ -6,6 +6,11 @@ small window of tokens twice, with and without the newest tokens, and releases t
 no longer ends in U+FFFD. The window starts with a few prompt tokens, so a tokenizer that drops the leading
 space of the first token it decodes (SentencePiece) still puts the space between prompt and completion.
 
+With a byte-level tokenizer (``Tokenizer.byte_level``) only the last U+FFFD of a decoded text can still
+become a character: the text before it is released at once, so a run of invalid bytes (random weights
+sample them often) streams one U+FFFD a token rather than all of them when the run ends. Other tokenizers
+(SentencePiece's byte fallback shows every byte of an unfinished run as U+FFFD) wait for the whole text.
+
 The wait is bounded: a character's UTF-8 bytes span at most four tokens, so text that still ends in U+FFFD
 after ``MAX_PENDING_TOKENS`` unreleased tokens ends in bytes that are not UTF-8 at all (a model can emit
 such tokens forever). They are released as U+FFFD, as decoding the whole output would show them, and the
@@ -48,6 +53,7 @@ class IncrementalDetokenizer:
         keep_special_token_ids: Collection[int] = (),
     ) -> None:
         self._tokenizer = tokenizer
+        self._byte_level = tokenizer.byte_level
         # decode options travel only when they differ from the defaults (the protocol's minimal decode)
         self._skip_special = skip_special_tokens
         self._spaces_between_special = spaces_between_special_tokens
@@ -66,6 +72,7 @@ class IncrementalDetokenizer:
         self._window: list[int] = context
         self._read_offset = len(context)
         self._prefix_text = prefix_text
+        self._early = ""  # text of the unreleased tokens released ahead of them (byte-level: before a U+FFFD)
         self._held = ""  # decoded text held back because it may be the start of a stop string
         self._released: list[str] = []
         self._stopped = False
@@ -88,7 +95,12 @@ class IncrementalDetokenizer:
         new_text = self._decode_ids(self._window)
         pending = len(self._window) - self._read_offset
         if new_text.endswith(REPLACEMENT_CHAR) and pending < MAX_PENDING_TOKENS:
-            return ""  # an incomplete character: wait for the tokens that finish it
+            # an incomplete character: wait for the tokens that finish it (byte-level: that U+FFFD only)
+            if not self._byte_level:
+                return ""
+            settled = new_text[len(self._prefix_text) + len(self._early) : -1]
+            self._early += settled
+            return self._release(settled)
         return self._release(self._advance(new_text))
 
     def flush(self) -> str:
@@ -107,7 +119,8 @@ class IncrementalDetokenizer:
 
     def _advance(self, new_text: str) -> str:
         """The window decoded to ``new_text``: return its unreleased part and move both offsets on."""
-        delta = new_text[len(self._prefix_text) :]
+        delta = new_text[len(self._prefix_text) + len(self._early) :]
+        self._early = ""
         self._window = self._window[self._read_offset :]
         self._read_offset = len(self._window)
         self._prefix_text = self._decode_ids(self._window)

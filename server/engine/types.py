@@ -352,6 +352,14 @@ class Tokenizer(Protocol):
     @property
     def eos_token_ids(self) -> frozenset[int]: ...
 
+    @property
+    def byte_level(self) -> bool:
+        """``decode`` joins the tokens' bytes and reads them as UTF-8, each invalid sequence replaced by
+        one U+FFFD (byte-level BPE: GPT-2, Llama 3, Qwen). Then only a text's last U+FFFD may still turn
+        into a character as tokens follow; one with text after it is final. Not so for SentencePiece's
+        byte fallback, which shows every byte of a run as U+FFFD until the run is valid UTF-8."""
+        ...
+
     def encode(self, text: str) -> list[int]: ...
 
     def encode_plain(self, text: str, *, add_special_tokens: bool) -> list[int]:

@@ -6,6 +6,7 @@ import json
 from collections.abc import Collection, Sequence
 from typing import Any
 
+from tokenizers import decoders
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from server.engine.types import ChatMessage, InvalidRequestError
@@ -37,6 +38,12 @@ class HFTokenizer:
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos
+
+    @property
+    def byte_level(self) -> bool:
+        """A fast tokenizer whose decoder is byte-level BPE's alone (see the protocol)."""
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        return backend is not None and isinstance(backend.decoder, decoders.ByteLevel)
 
     @property
     def num_ids(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import pytest
@@ -36,10 +37,12 @@ TEXTS = [
 
 
 class ByteLevelTokenizer:
-    """The engine's ``Tokenizer`` protocol over a ``tokenizers`` byte-level BPE."""
+    """The engine's ``Tokenizer`` protocol over a ``tokenizers`` byte-level BPE; ``byte_level`` False makes
+    the detokenizer treat it as it treats any other tokenizer."""
 
-    def __init__(self, tokenizer: HFTokenizer) -> None:
+    def __init__(self, tokenizer: HFTokenizer, *, byte_level: bool = True) -> None:
         self._tokenizer = tokenizer
+        self.byte_level = byte_level
         self.decoded_lengths: list[int] = []
 
     @property
@@ -58,7 +61,7 @@ class ByteLevelTokenizer:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> ByteLevelTokenizer:
+def bpe() -> HFTokenizer:
     bpe = HFTokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -66,7 +69,12 @@ def tokenizer() -> ByteLevelTokenizer:
         vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     bpe.train_from_iterator(TRAINING_TEXT * 4, trainer)
-    return ByteLevelTokenizer(bpe)
+    return bpe
+
+
+@pytest.fixture(params=[True, False], ids=["byte-level", "waits-for-whole-text"])
+def tokenizer(bpe: HFTokenizer, request: pytest.FixtureRequest) -> ByteLevelTokenizer:
+    return ByteLevelTokenizer(bpe, byte_level=request.param)
 
 
 def _stream(detok: IncrementalDetokenizer, ids: Sequence[int]) -> list[str]:
@@ -164,6 +172,86 @@ def test_a_character_completed_within_the_bound_is_still_whole(tokenizer: ByteLe
     assert detok.text.endswith("\u2728")
 
 
+def test_a_byte_level_tokenizer_streams_invalid_bytes_one_a_token(bpe: HFTokenizer) -> None:
+    # four lead bytes that nothing continues, then "A": each lead byte is known to be invalid (a U+FFFD for
+    # good) once the next byte arrives, so a byte-level stream releases it then, not when the run ends
+    byte_level, other = ByteLevelTokenizer(bpe), ByteLevelTokenizer(bpe, byte_level=False)
+    ids = [_lone_byte_token(byte_level, b) for b in (0xE2, 0xE2, 0xE2, 0xE2, ord("A"))]
+    assert _stream(IncrementalDetokenizer(byte_level, []), ids) == [
+        "",
+        "\ufffd",
+        "\ufffd",
+        "\ufffd",
+        "\ufffdA",
+        "",
+    ]
+    assert _stream(IncrementalDetokenizer(other, []), ids) == ["", "", "", "", "\ufffd" * 4 + "A", ""]
+
+
+def _random_bytes_stream(tokenizer: ByteLevelTokenizer, rng: random.Random) -> list[int]:
+    """Runs of 1-5 lone bytes (lead and continuation bytes, whole characters split byte by byte), each
+    followed by a token of whole characters: what a random-weight model samples. Runs stay under the bound,
+    past which a character still in progress is released as U+FFFD."""
+    runs = [[0xE2], [0x9C], [0xF0, 0x9F], [0xE2, 0x9C, 0xA8], [0xC3, 0xA9], [0xF0, 0x9F, 0x98, 0x80], [0x80]]
+    size = tokenizer._tokenizer.get_vocab_size()
+    whole = [i for i in range(size) if "\ufffd" not in tokenizer.decode([i]) and tokenizer.decode([i])]
+    ids: list[int] = []
+    for _ in range(12):
+        run: list[int] = []
+        while not run or (len(run) < 5 and rng.random() < 0.6):
+            run += rng.choice(runs)
+        ids += [_lone_byte_token(tokenizer, b) for b in run[:5]]
+        ids.append(rng.choice(whole))
+    return ids
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_byte_streams_release_all_but_the_last_unfinished_character(
+    tokenizer: ByteLevelTokenizer, seed: int
+) -> None:
+    rng = random.Random(seed)
+    ids = _random_bytes_stream(tokenizer, rng)
+    prompt = tokenizer.encode("Prompt: ")
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    for n, token_id in enumerate(ids, start=1):
+        detok.add(token_id)
+        whole = tokenizer.decode(ids[:n])  # the reference: the tokenizer's own decode of the output so far
+        if not whole.endswith("\ufffd"):
+            assert detok.text == whole
+        elif tokenizer.byte_level:
+            assert detok.text == whole[:-1]  # only the last U+FFFD may still become a character
+        else:
+            assert whole.startswith(detok.text)
+    detok.flush()
+    assert detok.text == tokenizer.decode(ids)
+
+
+def _byte_fallback_tokenizer() -> HFTokenizer:
+    """SentencePiece's byte fallback (Llama 2, Mistral 7B): one ``<0xNN>`` token a byte, and a run of them
+    shows as one U+FFFD a byte until the run is valid UTF-8."""
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    return tokenizer
+
+
+def test_only_a_byte_level_decoder_counts_as_byte_level(bpe: HFTokenizer) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from server.runtime.tokenizer import HFTokenizer as EngineTokenizer
+
+    fallback = _byte_fallback_tokenizer()
+    # why it must not: an unfinished character's first U+FFFD is not final there
+    e3, x81, x82 = (1 + b for b in (0xE3, 0x81, 0x82))
+    assert fallback.decode([e3, x81]) == "\ufffd\ufffd" and fallback.decode([e3, x81, x82]) == "\u3042"
+    engine_fallback = EngineTokenizer(PreTrainedTokenizerFast(tokenizer_object=fallback))
+    assert EngineTokenizer(PreTrainedTokenizerFast(tokenizer_object=bpe)).byte_level
+    assert not engine_fallback.byte_level
+    ids = [1 + ord("A"), e3, x81, x82, 1 + ord("B")]
+    pieces = _stream(IncrementalDetokenizer(engine_fallback, []), ids)
+    assert pieces == ["A", "", "", "\u3042", "B", ""]
+
+
 # (text, stop strings, released text, stopped)
 STOP_CASES = [
     pytest.param("Hello world!", ["world"], "Hello ", True, id="middle"),
@@ -230,6 +318,7 @@ class SentencePieceLikeTokenizer:
     """Word pieces with '▁' for a space; decoding drops the leading space, as SentencePiece does."""
 
     PIECES = ("Hello", "▁world", "▁again", "!")
+    byte_level = False
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
