@@ -3,6 +3,9 @@ to each token's block slot, padding writes to scratch and sees column 0 only."""
 
 from __future__ import annotations
 
+import random
+
+import pytest
 import torch
 
 from server.engine.types import Batch, SamplingParams, Sequence
@@ -64,3 +67,50 @@ def test_attention_size_counts_lanes_queries_and_key_columns() -> None:
     batch = Batch(seqs=[a, b], num_new_tokens=[1, 5])
     assert attention_size([Lane("x", [0, 1])], batch, BS) == 1 * 6 * (BS + 2 * BS)  # 1 lane, 6 queries
     assert attention_size([Lane("x", [0]), Lane("y", [1])], batch, BS) == 2 * 5 * (2 * BS)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_packings_read_exactly_the_slots_their_tokens_wrote(seed: int) -> None:
+    # lanes of random sequences (decode rows and prompt chunks, block tables with spare blocks): each query
+    # token must write its own position's pool slot and see, through the mask and the lane's read blocks,
+    # the slots of its sequence's positions 0 .. its own, and nothing else
+    rng = random.Random(seed)
+    cache = PagedKVCache(
+        geometry=KVGeometry(num_layers=1, num_kv_heads=1, head_dim=2, dtype=torch.float32),
+        num_blocks=64,
+        block_size=BS,
+        device=torch.device("cpu"),
+    )
+    seqs, new = [], []
+    for _ in range(rng.randint(1, 6)):
+        n = rng.randint(1, 20)
+        cached = rng.randint(0, n - 1)
+        blocks = rng.sample(range(63), -(-n // BS) + rng.randint(0, 2))
+        seqs.append(seq(n, cached, blocks))
+        new.append(1 if rng.random() < 0.5 else n - cached)
+    batch = Batch(seqs=seqs, num_new_tokens=new)
+    rows = list(range(len(seqs)))
+    rng.shuffle(rows)
+    cut = rng.randint(1, len(rows))
+    lanes = [Lane("x", rows[:cut])] + ([Lane("y", rows[cut:])] if rows[cut:] else [])
+    packed = pack_lanes(lanes, batch, cache)
+    mask = packed.mask()[:, 0]  # [B, S, L]
+    for i, lane in enumerate(lanes):
+        # the pool slot of each of the lane's key columns
+        columns = [block * BS + offset for block in packed.read_blocks[i].tolist() for offset in range(BS)]
+        for row, start in zip(lane.rows, packed.starts[i], strict=True):
+            s = seqs[row]
+
+            def slot(position: int, s: Sequence = s) -> int:
+                return s.block_table[position // BS] * BS + position % BS
+
+            for q in range(new[row]):
+                position = s.num_cached + q
+                assert packed.input_ids[i, start + q] == s.token_ids[position]
+                assert packed.positions[i, start + q] == position
+                assert packed.write_slots[i, start + q] == slot(position)
+                seen = [columns[c] for c in mask[i, start + q].nonzero().flatten().tolist()]
+                assert sorted(seen) == sorted(slot(p) for p in range(position + 1))
+        for q in range(sum(new[r] for r in lane.rows), packed.input_ids.shape[1]):  # padding
+            assert packed.write_slots[i, q] == cache.scratch
+            assert mask[i, q].nonzero().flatten().tolist() == [0]
