@@ -34,6 +34,9 @@ class HFTokenizer:
             int(i) for i, token in added.items() if getattr(token, "special", False)
         )
         self._token_text: dict[int, str] = {}  # bounded by the vocabulary
+        self._byte_level = tokenizer.is_fast and isinstance(
+            tokenizer.backend_tokenizer.decoder, decoders.ByteLevel
+        )
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -42,8 +45,7 @@ class HFTokenizer:
     @property
     def byte_level(self) -> bool:
         """A fast tokenizer whose decoder is byte-level BPE's alone (see the protocol)."""
-        backend = getattr(self.hf, "backend_tokenizer", None)
-        return backend is not None and isinstance(backend.decoder, decoders.ByteLevel)
+        return self._byte_level
 
     @property
     def num_ids(self) -> int:
